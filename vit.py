@@ -1,0 +1,179 @@
+"""CLIP's vision transformer, from scratch, returning every layer's hidden states.
+
+The fuser (fuser.py) reads the ViT hierarchically: shallow layers carry fine
+detail, deep layers semantics. So `ViT.forward` returns the whole list
+[h_0, h_1, ..., h_L], each (B, 1 + P, D): the class token then P patch tokens,
+with h_0 the embeddings after `pre_layrnorm`, exactly as Hugging Face's
+CLIPVisionModel(output_hidden_states=True) returns them. The ViT is frozen.
+
+Also here: `preprocess`, CLIP's image preprocessing with PIL only (RGB,
+resize the short side with bicubic, centre crop, normalise with CLIP's
+mean and std).
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from weights import CheckpointError, copy_state, hf_checkpoint
+
+PUBLIC = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16",
+          "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    layer_norm_eps: float = 1e-5
+    act: str = "quick_gelu"  # CLIP's x * sigmoid(1.702 x); "gelu" also accepted
+
+    @classmethod
+    def tiny(cls):
+        """A small random ViT for offline runs and tests."""
+        return cls(image_size=64, patch_size=16, width=128, layers=4, heads=4, mlp_width=512)
+
+    @property
+    def grid(self):  # patches per side
+        return self.image_size // self.patch_size
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.heads = config.heads
+        self.q_proj = nn.Linear(config.width, config.width)
+        self.k_proj = nn.Linear(config.width, config.width)
+        self.v_proj = nn.Linear(config.width, config.width)
+        self.out_proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.act = config.act
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x)
+        return self.fc2(x)
+
+
+class EncoderLayer(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.self_attn = Attention(config)
+        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ViT(nn.Module):
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        D = config.width
+        self.class_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)
+        self.patch_embedding = nn.Conv2d(3, D, config.patch_size, stride=config.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(config.grid ** 2 + 1, D)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.pre_layrnorm = nn.LayerNorm(D, eps=config.layer_norm_eps)  # sic: CLIP's spelling
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.layers)])
+
+    def forward(self, pixels, upto=None):
+        """pixels: (B, 3, S, S) from preprocess -> [h_0, ..., h_upto], each (B, 1 + P, D)."""
+        B = pixels.size(0)
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, g, g)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, P, D)
+        cls = self.class_embedding.expand(B, 1, -1)
+        x = torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, 1 + P, D)
+        x = self.pre_layrnorm(x)
+        hidden = [x]
+        for layer in self.layers[:upto]:
+            x = layer(x)
+            hidden.append(x)
+        return hidden
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str):
+        """The vision tower of a public CLIP (see PUBLIC), or of a local checkpoint
+        (a CLIPModel's `vision_model.*` keys or a CLIPVisionModel's)."""
+        repo = name_or_path if name_or_path in PUBLIC and not Path(name_or_path).exists() else None
+        state, hf_config = hf_checkpoint(name_or_path, repo)
+        if hf_config is not None and hf_config.get("model_type") not in ("clip", "clip_vision_model", None):
+            raise CheckpointError(f"{name_or_path} is a {hf_config['model_type']} checkpoint, not CLIP")
+        # keep the vision tower (CLIPModel and older CLIPVisionModel files nest it under
+        # vision_model.); CLIP's names, minus their nesting
+        if any(k.startswith("vision_model.") for k in state):
+            state = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
+        state = {k.replace("embeddings.", "").replace("encoder.", ""): v for k, v in state.items()}
+        # position_ids is a buffer; post_layernorm only feeds CLIP's pooled output, which we never use
+        state = {k: v for k, v in state.items() if k != "position_ids" and not k.startswith("post_layernorm")}
+        if "patch_embedding.weight" not in state:
+            raise CheckpointError(f"{name_or_path} is not a CLIP vision checkpoint (no patch embedding)")
+        vision = (hf_config or {}).get("vision_config", hf_config or {})
+        width, _, patch, _ = state["patch_embedding.weight"].shape
+        config = ViTConfig(
+            image_size=math.isqrt(state["position_embedding.weight"].shape[0] - 1) * patch,
+            patch_size=patch,
+            width=width,
+            layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
+            heads=vision.get("num_attention_heads", width // 64),
+            mlp_width=state["layers.0.mlp.fc1.weight"].shape[0],
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
+            act=vision.get("hidden_act", "quick_gelu"),
+        )
+        if config.act not in ("quick_gelu", "gelu"):
+            raise CheckpointError(f"{name_or_path} uses activation {config.act}, not quick_gelu or gelu")
+        model = cls(config)
+        copy_state(model, state, name_or_path)
+        return model
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, with EXIF orientation applied (a phone photo stands upright)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits rather than clipping
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
+    """CLIP preprocessing: a PIL image -> (3, size, size) normalised float tensor."""
+    image = to_rgb(image)
+    w, h = image.size
+    # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does)
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255.0  # (size, size, 3)
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
