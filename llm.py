@@ -172,7 +172,10 @@ class GPT(nn.Module):
         """Without targets: logits at every position, (B, T, V), and loss None.
         With targets ((B, T), -100 = no target): the head runs only where there is a
         target, so logits are (N, V) for those N positions, plus the mean loss."""
-        h = self.hidden(idx, memory, prefix, cache)
+        return self.head(self.hidden(idx, memory, prefix, cache), targets)
+
+    def head(self, h, targets=None):
+        """(logits, loss) from final hidden states h (B, T, d), as forward describes."""
         if targets is None:
             return self.lm_head(h), None
         has_target = targets != -100
