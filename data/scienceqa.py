@@ -1,0 +1,205 @@
+"""ScienceQA (Lu et al., NeurIPS 2022) in its official layout, the QCM-A prompt
+and the official accuracy categories.
+
+    root/problems.json             {pid: {question, choices, answer, hint, image, subject, grade, split, ...}}
+    root/pid_splits.json           {"train": [pid, ...], "val": [...], "test": [...], "minival": ...}
+    root/images/{split}/{pid}/image.png
+
+`load_scienceqa` turns one split into `Example`s (data/batch.py) with MemVP's
+QCM-A prompt (DESIGN.md section 5)
+
+    Question: {question}\\nContext: {hint or N/A}\\nOptions: (A) {c0} (B) {c1}\\nResponse:
+
+and the target " The answer is A." (answer="letter", the published baselines'
+format) or " The answer is {choice text}." (answer="text"). `score` reports
+the categories of the official evaluation (ScienceQA's tools/evaluate_acc.py).
+The synthetic set in shapes.py is written in this same layout and read here.
+
+    python -m data.scienceqa --download [--data_dir DIR]     # fetch, unpack, verify
+"""
+import argparse
+import os
+import string
+import sys
+import warnings
+from collections import Counter
+
+from data.batch import DataError, Example, check_dir, read_json
+from data.download import fetch, unzip
+
+DEFAULT_ROOT = "data/raw/scienceqa"
+URLS = {
+    "problems.json": "https://raw.githubusercontent.com/lupantech/ScienceQA/main/data/scienceqa/problems.json",
+    "pid_splits.json": "https://raw.githubusercontent.com/lupantech/ScienceQA/main/data/scienceqa/pid_splits.json",
+    "train.zip": "https://scienceqa.s3.us-west-1.amazonaws.com/images/train.zip",
+    "val.zip": "https://scienceqa.s3.us-west-1.amazonaws.com/images/val.zip",
+    "test.zip": "https://scienceqa.s3.us-west-1.amazonaws.com/images/test.zip",
+}
+SIZES = {"train": 12726, "val": 4241, "test": 4241}  # problems per split in the official release
+ANSWER_PREFIX = " The answer is"
+CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+
+
+def build_prompt(question, hint, choices):
+    """MemVP's QCM input, ending in "Response:" (no trailing space: the target starts with one)."""
+    context = (hint or "").strip() or "N/A"
+    options = " ".join(f"({letter}) {c}" for letter, c in zip(string.ascii_uppercase, choices))
+    prompt = f"Question: {question}\nContext: {context}\nOptions: {options}\nResponse:"
+    return prompt.replace("  ", " ").strip()  # as MemVP/LaVIN do
+
+
+def _problem_error(pid, p, root, split, problems_file):
+    """(kind, message) saying why problem p cannot be used, or None if it is fine."""
+    if not isinstance(p, dict):
+        return "malformed problem", f"problem {pid} in {problems_file} is not an object"
+    for key in ("question", "choices", "answer"):
+        if key not in p:
+            return "malformed problem", f"problem {pid} in {problems_file} has no '{key}'"
+    choices = p["choices"]
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
+        return "malformed problem", f"problem {pid} in {problems_file}: 'choices' must be 2 to 26 strings, got {choices!r}"
+    if type(p["answer"]) is not int or not 0 <= p["answer"] < len(choices):
+        return "answer out of range", (f"problem {pid} in {problems_file}: answer index {p['answer']!r} "
+                                       f"is out of range for {len(choices)} choices")
+    if p.get("image") and not os.path.isfile(_image_path(root, pid, p, split)):
+        return "missing image", f"problem {pid}: image file {_image_path(root, pid, p, split)} is missing"
+    return None
+
+
+def _image_path(root, pid, p, split):
+    # images sit under the problem's own split (minival/trainval pids live in images/val, images/train)
+    return os.path.join(root, "images", p.get("split", split), pid, p["image"])
+
+
+def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=True) -> list[Example]:
+    """One split as Examples. strict: stop at the first bad problem with a DataError
+    naming it; otherwise skip bad problems with one warning saying how many and why."""
+    if answer not in ("letter", "text"):
+        raise ValueError(f"answer must be 'letter' or 'text', got {answer!r}")
+    check_dir(root, "ScienceQA", f"python -m data.scienceqa --download --data_dir {root}")
+    problems_file, splits_file = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
+    problems, splits = read_json(problems_file), read_json(splits_file)
+    if not isinstance(problems, dict) or not isinstance(splits, dict):
+        raise DataError(f"{problems_file} and {splits_file} must each hold a JSON object")
+    if split not in splits:
+        raise DataError(f"{splits_file} has no split '{split}' (it has: {', '.join(splits)})")
+    examples, skipped = [], []
+    for pid in splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            error = "no problem", f"pid {pid} is listed in {splits_file} under '{split}' but has no problem in {problems_file}"
+        else:
+            error = _problem_error(pid, problems[pid], root, split, problems_file)
+        if error and strict:
+            raise DataError(error[1])
+        if error:
+            skipped.append(error)
+            continue
+        examples.append(_example(pid, problems[pid], root, split, answer))
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(kind for kind, _ in skipped).items())
+        warnings.warn(f"ScienceQA {split}: skipped {len(skipped)} of {len(splits[split])} problems ({kinds}); "
+                      f"first: {skipped[0][1]}")
+    return examples
+
+
+def _example(pid, p, root, split, answer):
+    choices, hint = p["choices"], p.get("hint") or ""
+    letters = string.ascii_uppercase[:len(choices)]
+    shown = letters if answer == "letter" else choices
+    has_image = bool(p.get("image"))
+    return Example(
+        id=pid,
+        prompt=build_prompt(p["question"], hint, choices),
+        target=f"{ANSWER_PREFIX} {shown[p['answer']]}.",
+        image=_image_path(root, pid, p, split) if has_image else None,
+        answer_prefix=ANSWER_PREFIX,
+        choices=[f" {c}" for c in shown],
+        answer=p["answer"],
+        meta={"subject": p.get("subject", ""), "grade": p.get("grade", ""), "hint": hint,
+              "has_image": has_image, "qtype": p.get("qtype"), "split": p.get("split", split)},
+    )
+
+
+def _categories(ex):
+    """The official categories of one problem (ScienceQA tools/evaluate_acc.py)."""
+    m = ex.meta
+    cats = {"natural science": ["NAT"], "social science": ["SOC"], "language science": ["LAN"]}.get(m["subject"], [])
+    if m["hint"]:
+        cats.append("TXT")  # has text context
+    if m["has_image"]:
+        cats.append("IMG")
+    if not m["hint"] and not m["has_image"]:
+        cats.append("NO")  # no context at all
+    grade = m["grade"]
+    if grade in [f"grade{g}" for g in range(1, 7)]:
+        cats.append("G1-6")
+    if grade in [f"grade{g}" for g in range(7, 13)]:
+        cats.append("G7-12")
+    return cats + ["Avg"]
+
+
+def score(examples, predictions) -> dict:
+    """predictions {id: choice index} -> {category: accuracy in percent, or None
+    when no example falls in it}. A missing prediction counts as wrong (with a warning)."""
+    if not examples:
+        raise DataError("nothing to score: no examples")
+    missing = [ex.id for ex in examples if ex.id not in predictions]
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(examples)} examples have no prediction (counted wrong), e.g. {missing[0]}")
+    right, total = Counter(), Counter()
+    for ex in examples:
+        ok = predictions.get(ex.id) == ex.answer
+        for cat in _categories(ex):
+            total[cat] += 1
+            right[cat] += ok
+    return {c: 100.0 * right[c] / total[c] if total[c] else None for c in CATEGORIES}
+
+
+def format_scores(rows) -> str:
+    """{name: score(...) result} -> a plain-text table, one row per name."""
+    width = max([len(name) for name in rows] + [4])
+    lines = [" " * width + "".join(f"{c:>8}" for c in CATEGORIES)]
+    for name, s in rows.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{s[c]:8.2f}" if s[c] is not None else f"{'-':>8}" for c in CATEGORIES))
+    return "\n".join(lines)
+
+
+def download(root=DEFAULT_ROOT, keep_zips=False):
+    """Fetch problems.json, pid_splits.json and the three image archives into root, then verify."""
+    for name in ("problems.json", "pid_splits.json"):
+        fetch(URLS[name], os.path.join(root, name))
+    images = os.path.join(root, "images")
+    for split in ("train", "val", "test"):
+        if not os.path.isdir(os.path.join(images, split)):
+            zip_path = fetch(URLS[f"{split}.zip"], os.path.join(images, f"{split}.zip"))
+            unzip(zip_path, images, split)
+            if not keep_zips:
+                os.remove(zip_path)
+    verify(root)
+
+
+def verify(root=DEFAULT_ROOT):
+    """Every official split loads (all images present) with the official sizes."""
+    for split, size in SIZES.items():
+        n = len(load_scienceqa(root, split))
+        if n != size:
+            raise DataError(f"ScienceQA {split} has {n} problems in {root}, the official release has {size}")
+        print(f"ScienceQA {split}: {n} problems, all images present")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="ScienceQA: download and verify, or print a split's sizes")
+    parser.add_argument("--download", action="store_true", help="fetch the official files, unpack and verify them")
+    parser.add_argument("--data_dir", default=DEFAULT_ROOT, help="where the dataset lives (default %(default)s)")
+    parser.add_argument("--keep_zips", action="store_true", help="keep the image archives after unpacking")
+    args = parser.parse_args(argv)
+    try:
+        download(args.data_dir, args.keep_zips) if args.download else verify(args.data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
