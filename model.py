@@ -1,0 +1,167 @@
+"""The VLM: a frozen ViT and a frozen GPT joined by the fuser (or by a baseline).
+
+    image -> ViT -> [h_1..h_L] -> fuser -> per decoder layer (K_l, V_l) -> GPT's FFNs
+    prompt tokens -------------------------------------------------------> GPT -> answer
+
+Fusion modes (DESIGN.md section 4), one flag, the same code path where possible:
+
+    dehvf   the method: per-layer dynamic mix of all ViT layers, as FFN memory
+    static  the mix is a learned per-layer constant (no look at the text)
+    memvp   one ViT layer (the penultimate) into every decoder layer (MemVP)
+    prefix  LLaVA-style: projected penultimate-layer tokens put before the text
+    none    text only, the image is ignored (the ablation)
+
+Only the fuser (or prefix's projector) trains unless `freeze` says otherwise.
+`train.py`, `sample.py` and `bench.py` use `VLM.forward`, `VLM.generate` and
+the checkpoint helpers at the bottom.
+"""
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fuser import FuserConfig, HierarchicalFuser
+from llm import GPT, GPTConfig
+from vit import ViT, ViTConfig
+from weights import CheckpointError
+
+MODES = ("dehvf", "static", "memvp", "prefix", "none")
+FREEZE = ("all", "vit", "llm", "none")  # which backbones stay frozen: both, one, or neither
+
+
+class VLM(nn.Module):
+
+    def __init__(self, vit: ViT, gpt: GPT, mode="dehvf", fuser_config=None, freeze="all"):
+        super().__init__()
+        assert mode in MODES, f"mode must be one of {MODES}"
+        assert freeze in FREEZE, f"freeze must be one of {FREEZE}"
+        self.vit, self.gpt, self.mode, self.freeze = vit, gpt, mode, freeze
+        D_v, d = vit.config.width, gpt.config.n_embd
+        self.penultimate = vit.config.layers - 1
+        fuser_config = replace(fuser_config or FuserConfig(), dynamic=mode == "dehvf")
+        if mode == "memvp":
+            fuser_config = replace(fuser_config, vit_layers=(self.penultimate,))
+        if mode in ("dehvf", "static", "memvp"):
+            self.fuser = HierarchicalFuser(fuser_config, vit.config, gpt.config)
+        if mode == "prefix":  # LLaVA-1.5's two-layer MLP projector
+            self.projector = nn.Sequential(nn.Linear(D_v, d), nn.GELU(), nn.Linear(d, d))
+        self.fuser_config = fuser_config
+        self.vit_trains = freeze in ("llm", "none")
+        for p in self.vit.parameters():
+            p.requires_grad_(self.vit_trains)
+        for p in self.gpt.parameters():
+            p.requires_grad_(freeze in ("vit", "none"))
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def n_trainable(self):
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def features(self, images):
+        """What the fusion consumes from each image: the fuser's pooled ViT layers (B, K, N, D_v),
+        or prefix's penultimate-layer tokens (B, 1 + P, D_v). With a frozen ViT they are the same
+        every epoch, so train.py can cache them."""
+        if self.mode == "none":
+            return None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vit_trains):
+            if self.mode == "prefix":
+                return self.vit(images, upto=self.penultimate)[-1]
+            return self.fuser.pool_features(self.vit(images, upto=max(self.fuser.layers)))
+
+    def hidden(self, images, idx, prompt_mask=None, has_image=None, features=None):
+        """Final hidden states of the text, (B, T, d). images: (B, 3, S, S); idx: (B, T);
+        prompt_mask: (B, T) bool, the tokens the fuser's selector may read (default: all);
+        has_image: (B,) bool, False = that sample is text-only (default: all True)."""
+        B, T = idx.shape
+        has_image = torch.ones(B, dtype=torch.bool, device=idx.device) if has_image is None else has_image
+        if self.mode == "none" or not has_image.any():
+            return self.gpt.hidden(idx)
+        if features is None:
+            features = self.features(images)
+        if self.mode == "prefix":
+            prefix = self.projector(features)  # (B, 1 + P, d)
+            if has_image.all():
+                return self.gpt.hidden(idx, prefix=prefix)
+            # text-only samples must see no prefix and keep positions 0..T-1: run them apart
+            h = prefix.new_empty(B, T, self.gpt.config.n_embd)
+            h[has_image] = self.gpt.hidden(idx[has_image], prefix=prefix[has_image])
+            h[~has_image] = self.gpt.hidden(idx[~has_image])
+            return h
+        prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
+        return self.gpt.hidden(idx, memory=self.fuser.memory(features, prompt_mask, has_image))
+
+    def forward(self, images, idx, targets=None, prompt_mask=None, has_image=None, features=None):
+        """(logits, loss) as GPT.forward: (B, T, V) without targets, (N, V) at the N targets with."""
+        return self.gpt.head(self.hidden(images, idx, prompt_mask, has_image, features), targets)
+
+    @torch.no_grad()
+    def generate(self, images, prompt_idx, max_new_tokens, temperature=0.0, top_k=None,
+                 has_image=None, use_cache=True):
+        """Continue prompt_idx (B, T) for an image batch. The ViT and every layer's memory are
+        computed once, at prefill, and reused for each new token."""
+        B = prompt_idx.size(0)
+        has_image = torch.ones(B, dtype=torch.bool, device=prompt_idx.device) if has_image is None else has_image
+        memory = prefix = None
+        if self.mode != "none" and has_image.any():
+            features = self.features(images)
+            if self.mode == "prefix":
+                assert has_image.all(), "prefix mode generates for image batches only"
+                prefix = self.projector(features)
+            else:
+                prompt_mask = torch.ones_like(prompt_idx, dtype=torch.bool)
+                memory = self.fuser.memory(features, prompt_mask, has_image)
+        return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, memory, prefix, use_cache)
+
+
+# ----------------------------------------------------------------------------- building and checkpoints
+
+def build_backbones(llm="tiny", vit="tiny"):
+    """A public name or local path for each backbone, or "tiny" for small random ones."""
+    gpt = GPT(GPTConfig.tiny()) if llm == "tiny" else GPT.from_pretrained(llm)
+    vision = ViT(ViTConfig.tiny()) if vit == "tiny" else ViT.from_pretrained(vit)
+    return vision, gpt
+
+
+def checkpoint_state(model: VLM, llm: str, vit: str) -> dict:
+    """Only what rebuilds the model: its arguments, the trainable weights, and the backbones'
+    weights when they cannot be had by name (random tiny ones, or trained ones)."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    if llm == "tiny" or model.freeze in ("vit", "none"):
+        keep |= {"gpt." + k for k in model.gpt.state_dict()}
+    if vit == "tiny" or model.vit_trains:
+        keep |= {"vit." + k for k in model.vit.state_dict()}
+    state = {k: v for k, v in model.state_dict().items() if k in keep or not k.startswith(("gpt.", "vit."))}
+    return {
+        "nanodehvf": 1,
+        "args": dict(llm=llm, vit=vit, mode=model.mode, freeze=model.freeze,
+                     fuser=asdict(model.fuser_config),
+                     gpt_config=asdict(model.gpt.config), vit_config=asdict(model.vit.config)),
+        "model": state,
+    }
+
+
+def from_checkpoint(ckpt) -> VLM:
+    """Rebuild a VLM from checkpoint_state's dict, or from a path to a saved one."""
+    if isinstance(ckpt, (str, Path)):
+        path = Path(ckpt)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ckpt, dict) or "nanodehvf" not in ckpt:
+            raise CheckpointError(f"{path} is not a nanoDEHVF checkpoint (was it written by train.py?)")
+    args, state = ckpt["args"], ckpt["model"]
+    has = lambda prefix: any(k.startswith(prefix) for k in state)
+    gpt = GPT(GPTConfig(**args["gpt_config"])) if has("gpt.") else GPT.from_pretrained(args["llm"])
+    vision = ViT(ViTConfig(**args["vit_config"])) if has("vit.") else ViT.from_pretrained(args["vit"])
+    fuser = dict(args["fuser"], vit_layers=tuple(args["fuser"]["vit_layers"] or ()) or None)
+    model = VLM(vision, gpt, args["mode"], FuserConfig(**fuser), args["freeze"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("gpt.", "vit."))]  # backbones by name are loaded
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model
