@@ -140,6 +140,8 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
         score_choice (M,) long: which (example, choice) pair each token belongs to,
             pairs numbered example by example: example 0's choices, then example 1's ...
         n_choices list[int] (B,), answer list[int | None] (B,), ids list[str] (B,)
+        score_targets (R, T): 0 at scored positions, -100 elsewhere; score_index (M,):
+            for logits computed only at the N scored positions (row-major), the one token m reads
     Use: logits = model(...)  (R, T, V), then pick_choices(logits, batch) -> B predictions.
     """
     ctxs, conts = [], []  # per example: context ids, list of choice ids
@@ -172,6 +174,11 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
            "ids": [ex.id for ex in examples]}
     for name, lst in zip(("score_row", "score_pos", "score_tok", "score_choice"), score):
         out[name] = torch.tensor(lst, dtype=torch.long)
+    # for a model that runs its head only where targets != -100 (llm.py): mark the scored
+    # positions, and say which of the N head outputs (row-major order) each scored token reads
+    flat = out["score_row"] * idx.shape[1] + out["score_pos"]
+    positions, out["score_index"] = torch.unique(flat, return_inverse=True)  # (N,), (M,)
+    out["score_targets"] = torch.full_like(idx, IGNORE).view(-1).index_fill_(0, positions, 0).view_as(idx)
     return out
 
 
