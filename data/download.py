@@ -54,11 +54,13 @@ def unzip(zip_path, dest_dir, name):
         return final
     tmp = os.path.join(dest_dir, f".unzip-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
         with zipfile.ZipFile(zip_path) as z:
             for member in tqdm(z.infolist(), desc=f"unzip {os.path.basename(zip_path)}", unit="file"):
                 z.extract(member, tmp)
     except (zipfile.BadZipFile, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{zip_path} is not a complete zip file ({e}); delete it and run the command again") from None
     inner = os.path.join(tmp, name)
     os.replace(inner if os.path.isdir(inner) else tmp, final)
