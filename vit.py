@@ -163,6 +163,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits rather than clipping
         image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:  # see-through: onto white, as HF's CLIP does
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255)), image.convert("RGBA"))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
