@@ -127,5 +127,14 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
         s1 = choice_scores(model(single["idx"]), single)[0]
         s2 = choice_scores(model(per_choice["idx"]), per_choice)[0]
     assert torch.allclose(s1, s2, atol=1e-5) and not torch.allclose(s1[0], s1[1])
+    # the head may run only where score_targets != -100 (row-major): score_index says which output each token reads
+    with torch.no_grad():
+        full = model(per_choice["idx"])  # (R, T, V)
+    compact = torch.log_softmax(full[per_choice["score_targets"] != -100], -1)  # (N, V)
+    tok_logp = compact[per_choice["score_index"], per_choice["score_tok"]]
+    pairs = torch.zeros(5).index_add_(0, per_choice["score_choice"], tok_logp)
+    assert torch.allclose(torch.cat(choice_scores(full, per_choice)), pairs, atol=1e-5)
+    assert (per_choice["score_targets"] != -100).sum() == len(per_choice["score_tok"])  # each position scored once
+    assert (single["score_targets"] != -100).sum() == 1 and single["score_index"].tolist() == [0, 0]  # shared
     with pytest.raises(DataError, match="example 9 has no choices"):
         choice_batch([Example(id="9", prompt="A picture of", target=" x", image=None)], enc, tiny_transform, 64)
