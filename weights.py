@@ -7,7 +7,9 @@ Reading .safetensors needs no extra package: the format is an 8-byte
 little-endian header length, a JSON header giving each tensor's dtype, shape
 and byte range, then the raw bytes.
 """
+import http.client
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -49,7 +51,9 @@ def fetch(url: str, dest: Path, missing_ok: bool = False) -> Path | None:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+            if total and part.stat().st_size != total:  # read() just stops when the server hangs up
+                raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if isinstance(e, urllib.error.HTTPError) and e.code == 404 and missing_ok:
             return None
         reason = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
@@ -81,13 +85,19 @@ def read_safetensors(path) -> dict:
     body = data[8 + n:]
     tensors = {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: bad header entry for tensor {name}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         if end > len(body):
             raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8)
-        tensors[name] = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if (end - begin) != (size := math.prod(shape) * _DTYPES[dtype].itemsize):
+            raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes, but {dtype} {shape} needs {size}")
+        raw = bytearray(body[begin:end])  # frombuffer refuses an empty buffer
+        raw = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = raw.view(_DTYPES[dtype]).reshape(shape)
     return tensors
 
 
