@@ -1,0 +1,139 @@
+"""fuser.py: the six steps of DESIGN.md section 4 against a plain re-implementation, the
+selection weights a (B, L, K) in dehvf / static / memvp, and the memory contract llm.py relies on."""
+import copy
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fuser import FuserConfig, HierarchicalFuser
+from llm import GPTConfig
+from model import VLM, build_backbones
+from vit import ViTConfig
+
+B, T, PROMPT = 3, 10, 6  # batch, tokens, prompt tokens (the rest is the answer)
+
+
+@functools.lru_cache(maxsize=None)
+def _backbones():
+    torch.manual_seed(0)
+    return build_backbones("tiny", "tiny")
+
+
+def make(mode, seed=0):
+    """A VLM on (copies of) the seeded tiny backbones, its trainable weights moved off their
+    init (gates open, a sharper selector) as training would, so the memory and the mix matter."""
+    vit, gpt = (copy.deepcopy(m) for m in _backbones())
+    model = VLM(vit, gpt, mode)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def close(a, b, atol=1e-5):  # (torch.testing.assert_close costs seconds of imports on first use)
+    return a.shape == b.shape and (a - b).abs().max().item() <= atol
+
+
+def inputs(seed=0, vocab=50257, image_size=64):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, image_size, image_size, generator=g)
+    idx = torch.randint(0, vocab, (B, T), generator=g)
+    prompt_mask = (torch.arange(T) < PROMPT).expand(B, T)
+    return images, idx, prompt_mask
+
+
+def test_pool_features_keeps_class_token_and_averages_patch_blocks():
+    vit_config = ViTConfig.tiny()  # 64 px / 16 = a 4 x 4 patch grid
+    fuser = HierarchicalFuser(FuserConfig(vit_layers=(2, 4), pool=2), vit_config, GPTConfig.tiny())
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 1 + 16, vit_config.width) for _ in range(vit_config.layers + 1)]
+    pooled = fuser.pool_features(hidden)
+    assert pooled.shape == (2, 2, 1 + 4, vit_config.width)  # (B, K, N, D_v): N = 1 + 16 / 2^2
+    for k, layer in enumerate((2, 4)):
+        h = hidden[layer]
+        grid = h[:, 1:].reshape(2, 4, 4, -1)  # (B, row, col, D): patches are row-major
+        assert torch.equal(pooled[:, k, 0], h[:, 0])  # the class token, untouched
+        for slot, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)], start=1):  # 2 x 2 blocks, row-major
+            block = grid[:, r:r + 2, c:c + 2].reshape(2, 4, -1).mean(1)
+            assert close(pooled[:, k, slot], block, atol=1e-6)
+    with pytest.raises(AssertionError, match="pool 3 must divide"):
+        HierarchicalFuser(FuserConfig(pool=3), vit_config, GPTConfig.tiny())
+
+
+@pytest.mark.parametrize("mode", ["dehvf", "static"])
+def test_memory_matches_the_design_written_out(mode):
+    """Steps 1-5 computed literally (mix F, then project) equal the fuser's shortcut
+    (project each ViT layer's F once, then mix), for every decoder layer."""
+    model = make(mode)
+    fuser, d = model.fuser, model.gpt.config.n_embd
+    images, idx, prompt_mask = inputs()
+    prompt_mask = prompt_mask.clone()
+    prompt_mask[1, 4:] = False  # prompts of different lengths
+    has_image = torch.tensor([True, False, True])
+    with torch.no_grad():
+        pooled = model.features(images)  # (B, K, N, D_v)
+        memory = fuser.memory(pooled, prompt_mask, has_image)
+        for layer in range(model.gpt.config.n_layer):
+            x = torch.randn(B, T, d)  # the residual stream entering this layer
+            keys, values, slot_mask = memory(layer, x)
+            # the design, literally
+            Fk = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(fuser.norms)], 1)  # (B, K, N, D_v)
+            scores = fuser.layer_bias[layer].expand(B, -1)
+            if mode == "dehvf":
+                m = prompt_mask[..., None].float()
+                g = (fuser.select_norm(x) * m).sum(1) / m.sum(1)  # (B, d): mean of LN(x) over the prompt
+                scores = scores + g @ fuser.select.weight.T
+            a = scores.softmax(-1)  # (B, K)
+            Fbar = (a[:, :, None, None] * Fk).sum(1)  # (B, N, D_v)
+            Z = fuser.up(F.gelu(fuser.down(Fbar)))  # (B, N, d)
+            assert close(fuser.selection[:, layer], a, atol=1e-6)
+            assert close(keys, (Z + fuser.slot_key) / math.sqrt(d))
+            assert close(values, fuser.gate[layer] * (Z + fuser.slot_value))
+            assert torch.equal(slot_mask, has_image[:, None].expand(B, Z.size(1)))
+            # the slots are computed once per layer (at prefill) and reused for every later call
+            again = memory(layer, torch.randn(B, 1, d))
+            assert all(u is v for u, v in zip(again, (keys, values, slot_mask)))
+
+
+@torch.no_grad()
+def test_selection_weights_per_mode():
+    images, idx, prompt_mask = inputs()
+    other_images, other_idx, _ = inputs(seed=1)
+    L = GPTConfig.tiny().n_layer
+    for mode, K in [("dehvf", 4), ("static", 4), ("memvp", 1)]:
+        model = make(mode)
+        model.hidden(images, idx, prompt_mask)  # the selection is made on the way; no logits needed
+        a = model.fuser.selection.clone()
+        assert a.shape == (B, L, K)
+        assert close(a.sum(-1), torch.ones(B, L), atol=1e-6)  # a mix over the ViT layers
+        assert (a >= 0).all()
+        # a different prompt, and a different image
+        model.hidden(images, other_idx, prompt_mask)
+        new_prompt = model.fuser.selection.clone()
+        model.hidden(other_images, idx, prompt_mask)
+        new_image = model.fuser.selection.clone()
+        # a different answer (tokens outside the prompt): the mix never reads it
+        answer = idx.clone()
+        answer[:, PROMPT:] = other_idx[:, PROMPT:]
+        model.hidden(images, answer, prompt_mask)
+        new_answer = model.fuser.selection.clone()
+        assert torch.equal(new_answer, a)
+        if mode == "dehvf":  # each sample's own mix, read off its prompt, different per decoder layer
+            assert (new_prompt - a).abs().max() > 1e-2
+            assert (a[0] - a[1]).abs().max() > 1e-2
+            assert (a[:, 0] - a[:, 1]).abs().max() > 1e-2
+            # the selector reads the text, not the image; but x_l past layer 0 carries the image
+            # memory the earlier layers added, so only layer 0's mix is image-free
+            assert torch.equal(new_image[:, 0], a[:, 0]) and not torch.equal(new_image, a)
+        if mode == "static":  # a learned constant per decoder layer: no prompt, no image, no sample
+            assert torch.equal(new_prompt, a) and torch.equal(new_image, a)
+            assert torch.equal(a, a[:1].expand_as(a))
+            assert (a[:, 0] - a[:, 1]).abs().max() > 1e-2
+            assert close(a[0], model.fuser.layer_bias.softmax(-1), atol=1e-6)
+        if mode == "memvp":  # K = 1, the penultimate ViT layer: one-hot
+            assert model.fuser.layers == [model.vit.config.layers - 1]
+            assert torch.equal(a, torch.ones(B, L, 1))
