@@ -41,7 +41,7 @@ class Example:
     target: str                           # " The answer is A." / " The answer is red." / " a red circle ..."
     image: str | None                     # path of the image file (opened at collate time); None = no image
     answer_prefix: str | None = None      # " The answer is" for multiple choice, None for captions
-    choices: list[str] | None = None      # continuations after prompt + answer_prefix: [" A", " B"] or [" red", " blue"]
+    choices: list[str] | None = None      # what may follow prompt + answer_prefix: [" A", " B"] / [" red", " blue"]
     answer: int | None = None             # index of the right choice
     references: list[str] | None = None   # captions: every reference caption of the image
     meta: dict = field(default_factory=dict)  # subject, grade, hint, has_image, qtype ... for the scorers
@@ -57,8 +57,11 @@ def load_image(path, ex_id):
 
 
 def _images(examples, image_transform):
-    """(B, 3, S, S) float images (zeros where there is none) and the (B,) has_image mask."""
+    """(B, 3, S, S) float images (zeros where there is none) and the (B,) has_image mask.
+    image_transform None: no image is opened (a feature cache stands in), images is None."""
     has_image = torch.tensor([ex.image is not None for ex in examples], dtype=torch.bool)
+    if image_transform is None:
+        return None, has_image
     pixels = {i: image_transform(load_image(ex.image, ex.id)) for i, ex in enumerate(examples) if ex.image is not None}
     if pixels:
         shape = next(iter(pixels.values())).shape
@@ -105,7 +108,8 @@ def collate(examples, enc, image_transform, block_size) -> dict:
 
     Returns images (B, 3, S, S) float, has_image (B,) bool, idx (B, T) long,
     targets (B, T) long (-100 on prompt and padding), prompt_mask (B, T) bool,
-    ids list[str], n_truncated int (prompts cut from the left to fit block_size).
+    ids list[str], n_truncated int (prompts cut from the left to fit block_size),
+    image_paths list[str | None] (for a feature cache).
     """
     if not examples:
         raise DataError("collate got an empty list of examples")
@@ -122,7 +126,8 @@ def collate(examples, enc, image_transform, block_size) -> dict:
     prompt_mask = torch.arange(idx.shape[1])[None, :] < torch.tensor(prompt_lens)[:, None]  # (B, T)
     images, has_image = _images(examples, image_transform)
     return {"images": images, "has_image": has_image, "idx": idx, "targets": targets,
-            "prompt_mask": prompt_mask, "ids": [ex.id for ex in examples], "n_truncated": n_truncated}
+            "prompt_mask": prompt_mask, "ids": [ex.id for ex in examples], "n_truncated": n_truncated,
+            "image_paths": [ex.image for ex in examples]}
 
 
 def choice_batch(examples, enc, image_transform, block_size) -> dict:
@@ -134,7 +139,8 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
     (the context; choice j is scored at its last position). Otherwise there is
     one row per (example, choice): context + choice, scored on the choice tokens.
     Returns, with R rows and M scored tokens in all:
-        images (R, 3, S, S), has_image (R,), idx (R, T), prompt_mask (R, T)  (model inputs)
+        images (R, 3, S, S), has_image (R,), idx (R, T), prompt_mask (R, T)  (model inputs),
+            image_paths list (R,) (for a feature cache)
         score_row, score_pos, score_tok (M,) long: log p(score_tok) is read from
             the logits of row score_row at position score_pos
         score_choice (M,) long: which (example, choice) pair each token belongs to,
@@ -171,7 +177,7 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
     images, has_image = _images(row_image, image_transform)
     out = {"images": images, "has_image": has_image, "idx": idx, "prompt_mask": prompt_mask,
            "n_choices": [len(cs) for cs in conts], "answer": [ex.answer for ex in examples],
-           "ids": [ex.id for ex in examples]}
+           "ids": [ex.id for ex in examples], "image_paths": [ex.image for ex in row_image]}
     for name, lst in zip(("score_row", "score_pos", "score_tok", "score_choice"), score):
         out[name] = torch.tensor(lst, dtype=torch.long)
     # for a model that runs its head only where targets != -100 (llm.py): mark the scored

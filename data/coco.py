@@ -39,7 +39,8 @@ def clean_caption(raw):
 
 def _captions(entry):
     """The cleaned, non-empty captions of one entry."""
-    raws = [s.get("raw") for s in entry["sentences"] if isinstance(s, dict)] if isinstance(entry["sentences"], list) else []
+    sentences = entry["sentences"] if isinstance(entry["sentences"], list) else []
+    raws = [s.get("raw") for s in sentences if isinstance(s, dict)]
     return [c for c in (clean_caption(r) for r in raws if isinstance(r, str)) if c]
 
 
@@ -86,7 +87,8 @@ def load_coco(root=DEFAULT_ROOT, split="train", ann_file="dataset_coco.json", st
                                     meta={"split": entry["split"], "caption_index": k}))
     if skipped:
         kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(kind for kind, _ in skipped).items())
-        warnings.warn(f"COCO {split}: skipped {len(skipped)} of {len(entries)} images ({kinds}); first: {skipped[0][1]}")
+        warnings.warn(f"COCO {split}: skipped {len(skipped)} of {len(entries)} images ({kinds}); "
+                      f"first: {skipped[0][1]}")
     return examples
 
 
@@ -97,18 +99,19 @@ def references(examples):
 
 def download(root=DEFAULT_ROOT, keep_zips=False):
     """Fetch Karpathy's split file and the train2014 / val2014 images into root, then verify."""
+    files = {name: os.path.join(root, name) for name in URLS}
+    everything = [(URLS[name], path) for name, path in files.items()]
     ann = os.path.join(root, "dataset_coco.json")
     if not os.path.isfile(ann):
-        zip_path = fetch(URLS["caption_datasets.zip"], os.path.join(root, "caption_datasets.zip"))
+        zip_path = fetch(URLS["caption_datasets.zip"], files["caption_datasets.zip"], everything)
         unzip_file(zip_path, "dataset_coco.json", ann)
         if not keep_zips:
-            os.remove(zip_path)
+            os.remove(files["caption_datasets.zip"])
     for name in ("train2014", "val2014"):
         if not os.path.isdir(os.path.join(root, name)):
-            zip_path = fetch(URLS[f"{name}.zip"], os.path.join(root, f"{name}.zip"))
-            unzip(zip_path, root, name)
+            unzip(fetch(URLS[f"{name}.zip"], files[f"{name}.zip"], everything), root, name)
             if not keep_zips:
-                os.remove(zip_path)
+                os.remove(files[f"{name}.zip"])
     verify(root)
 
 

@@ -17,8 +17,9 @@ from tqdm import tqdm
 from data.batch import DataError
 
 
-def fetch(url, dest, timeout=60):
-    """Download url to dest (a file path) with a progress bar; skip if dest exists."""
+def fetch(url, dest, everything=None, timeout=60):
+    """Download url to dest (a file path) with a progress bar; skip if dest exists.
+    everything: [(url, path)] of all the files the dataset needs, for the offline message."""
     if os.path.isfile(dest):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -37,8 +38,9 @@ def fetch(url, dest, timeout=60):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError; timeouts are OSErrors
-        raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without network access, fetch it "
-                        f"on another machine, put it at {os.path.abspath(dest)} and run the same command again") from None
+        places = ", ".join(f"{u} -> {os.path.abspath(p)}" for u, p in everything or [(url, dest)])
+        raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without network access, fetch these "
+                        f"on another machine, put them in place and run the same command again: {places}") from None
     if total is not None and os.path.getsize(part) != total:
         raise DataError(f"download of {url} stopped at {os.path.getsize(part)} of {total} bytes; "
                         f"run the same command again to resume")

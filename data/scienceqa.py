@@ -57,7 +57,8 @@ def _problem_error(pid, p, root, split, problems_file):
             return "malformed problem", f"problem {pid} in {problems_file} has no '{key}'"
     choices = p["choices"]
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
-        return "malformed problem", f"problem {pid} in {problems_file}: 'choices' must be 2 to 26 strings, got {choices!r}"
+        return "malformed problem", (f"problem {pid} in {problems_file}: 'choices' must be 2 to 26 strings, "
+                                     f"got {choices!r}")
     if type(p["answer"]) is not int or not 0 <= p["answer"] < len(choices):
         return "answer out of range", (f"problem {pid} in {problems_file}: answer index {p['answer']!r} "
                                        f"is out of range for {len(choices)} choices")
@@ -83,11 +84,14 @@ def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=Tru
         raise DataError(f"{problems_file} and {splits_file} must each hold a JSON object")
     if split not in splits:
         raise DataError(f"{splits_file} has no split '{split}' (it has: {', '.join(splits)})")
+    if not isinstance(splits[split], list):
+        raise DataError(f"{splits_file}: split '{split}' must be a list of pids")
     examples, skipped = [], []
     for pid in splits[split]:
         pid = str(pid)
         if pid not in problems:
-            error = "no problem", f"pid {pid} is listed in {splits_file} under '{split}' but has no problem in {problems_file}"
+            error = "no problem", (f"pid {pid} is listed in {splits_file} under '{split}' "
+                                   f"but has no problem in {problems_file}")
         else:
             error = _problem_error(pid, problems[pid], root, split, problems_file)
         if error and strict:
@@ -146,7 +150,8 @@ def score(examples, predictions) -> dict:
         raise DataError("nothing to score: no examples")
     missing = [ex.id for ex in examples if ex.id not in predictions]
     if missing:
-        warnings.warn(f"{len(missing)} of {len(examples)} examples have no prediction (counted wrong), e.g. {missing[0]}")
+        warnings.warn(f"{len(missing)} of {len(examples)} examples have no prediction (counted wrong), "
+                      f"e.g. {missing[0]}")
     right, total = Counter(), Counter()
     for ex in examples:
         ok = predictions.get(ex.id) == ex.answer
@@ -161,21 +166,24 @@ def format_scores(rows) -> str:
     width = max([len(name) for name in rows] + [4])
     lines = [" " * width + "".join(f"{c:>8}" for c in CATEGORIES)]
     for name, s in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{s[c]:8.2f}" if s[c] is not None else f"{'-':>8}" for c in CATEGORIES))
+        cells = [f"{s[c]:8.2f}" if s[c] is not None else f"{'-':>8}" for c in CATEGORIES]
+        lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 
 def download(root=DEFAULT_ROOT, keep_zips=False):
     """Fetch problems.json, pid_splits.json and the three image archives into root, then verify."""
-    for name in ("problems.json", "pid_splits.json"):
-        fetch(URLS[name], os.path.join(root, name))
     images = os.path.join(root, "images")
-    for split in ("train", "val", "test"):
+    files = {name: os.path.join(root, name) for name in ("problems.json", "pid_splits.json")}
+    files |= {f"{split}.zip": os.path.join(images, f"{split}.zip") for split in SIZES}
+    everything = [(URLS[name], path) for name, path in files.items()]
+    for name in ("problems.json", "pid_splits.json"):
+        fetch(URLS[name], files[name], everything)
+    for split in SIZES:
         if not os.path.isdir(os.path.join(images, split)):
-            zip_path = fetch(URLS[f"{split}.zip"], os.path.join(images, f"{split}.zip"))
-            unzip(zip_path, images, split)
+            unzip(fetch(URLS[f"{split}.zip"], files[f"{split}.zip"], everything), images, split)
             if not keep_zips:
-                os.remove(zip_path)
+                os.remove(files[f"{split}.zip"])
     verify(root)
 
 

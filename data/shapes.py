@@ -95,10 +95,10 @@ def draw(scene):
             d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
         elif o["shape"] == "diamond":
             d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
-        else:  # star: 5 points, inner radius 0.45 r
-            d.polygon([(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                        cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5))
-                       for k in range(10)], fill=fill)
+        else:  # star: 5 points at radius r, inner corners at 0.45 r
+            radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
+            angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+            d.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles)], fill=fill)
     return img
 
 

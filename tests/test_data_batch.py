@@ -99,7 +99,8 @@ def gold_logits(b, exs):
 
 
 def test_choice_batch_one_token_choices():
-    exs = [qa(0, "Question: x?\nResponse:", [" A", " B", " C"], 2), qa(1, "Question: longer one?\nResponse:", [" A", " B"], 0)]
+    exs = [qa(0, "Question: x?\nResponse:", [" A", " B", " C"], 2),
+           qa(1, "Question: longer one?\nResponse:", [" A", " B"], 0)]
     b = choice_batch(exs, enc, tiny_transform, block_size=64)
     assert b["idx"].shape[0] == 2 and b["n_choices"] == [3, 2] and b["answer"] == [2, 0]
     assert b["score_row"].tolist() == [0, 0, 0, 1, 1] and b["score_tok"].tolist() == [317, 347, 327, 317, 347]

@@ -62,7 +62,8 @@ def test_loader_prompts_and_targets(sqa):
     assert ex.target == " The answer is B." and ex.answer_prefix == " The answer is"
     assert ex.choices == [" A", " B"] and ex.answer == 1
     assert ex.image == os.path.join(sqa, "images", "train", "1", "image.png")
-    assert train[1].prompt == "Question: Which is a state?\nContext: N/A\nOptions: (A) Ohio (B) Paris (C) Rome\nResponse:"
+    assert train[1].prompt == ("Question: Which is a state?\nContext: N/A\n"
+                               "Options: (A) Ohio (B) Paris (C) Rome\nResponse:")
     assert train[1].image is None and train[1].target == " The answer is C."
     assert train[3].prompt.endswith("Options: (A) 1 (B) 2 (C) 3 (D) 4 (E) 5\nResponse:")
     assert train[3].choices == [" A", " B", " C", " D", " E"]
