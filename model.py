@@ -98,14 +98,14 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompt_idx, max_new_tokens, temperature=0.0, top_k=None,
-                 has_image=None, use_cache=True):
+                 has_image=None, use_cache=True, features=None):
         """Continue prompt_idx (B, T) for an image batch. The ViT and every layer's memory are
         computed once, at prefill, and reused for each new token."""
         B = prompt_idx.size(0)
         has_image = torch.ones(B, dtype=torch.bool, device=prompt_idx.device) if has_image is None else has_image
         memory = prefix = None
         if self.mode != "none" and has_image.any():
-            features = self.features(images)
+            features = self.features(images) if features is None else features
             if self.mode == "prefix":
                 assert has_image.all(), "prefix mode generates for image batches only"
                 prefix = self.projector(features)
