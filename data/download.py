@@ -1,51 +1,32 @@
 """Fetching and unpacking public dataset files, shared by scienceqa.py and coco.py.
 
-Downloads resume (a `.part` file grows until complete, then `os.replace` gives
-it its real name) and zips unpack into a temporary folder that is renamed at
-the end, so an interrupted run never leaves something that looks finished.
-Without network access every failure is one DataError naming the URL and the
-place to put the file by hand.
+Downloads go through weights.fetch, the one downloader of the project (a
+`.part` file grows, resuming, until complete; then `os.replace` gives it its
+real name). Zips unpack into a temporary folder that is renamed at the end,
+so an interrupted run never leaves something that looks finished. Without
+network access a download fails with one DataError naming the URL and where
+to put it by hand, followed by every file the dataset needs.
 """
 import os
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
+from pathlib import Path
 
 from tqdm import tqdm
 
+import weights
 from data.batch import DataError
 
 
-def fetch(url, dest, everything=None, timeout=60):
-    """Download url to dest (a file path) with a progress bar; skip if dest exists.
-    everything: [(url, path)] of all the files the dataset needs, for the offline message."""
-    if os.path.isfile(dest):
-        return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.isfile(part) else 0
-    headers = {"User-Agent": "nanoDEHVF"} | ({"Range": f"bytes={have}-"} if have else {})
+def fetch(url, dest, everything=None):
+    """Download url to dest with weights.fetch (progress bar, resume, atomic rename);
+    skip if dest exists. everything: [(url, path)] of all the files the dataset
+    needs, listed in the offline message so they can all be fetched elsewhere."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-            if have and r.getcode() != 206:  # the server ignored the range: start again
-                have = 0
-            size = r.headers.get("Content-Length")
-            total = int(size) + have if size is not None else None
-            with open(part, "ab" if have else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError; timeouts are OSErrors
+        return str(weights.fetch(url, Path(dest)))
+    except weights.CheckpointError as e:
         places = ", ".join(f"{u} -> {os.path.abspath(p)}" for u, p in everything or [(url, dest)])
-        raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}). Without network access, fetch these "
-                        f"on another machine, put them in place and run the same command again: {places}") from None
-    if total is not None and os.path.getsize(part) != total:
-        raise DataError(f"download of {url} stopped at {os.path.getsize(part)} of {total} bytes; "
-                        f"run the same command again to resume")
-    os.replace(part, dest)
-    return dest
+        raise DataError(f"{e}, then run the same command again; the dataset needs: {places}") from None
 
 
 def unzip(zip_path, dest_dir, name):

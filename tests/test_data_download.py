@@ -1,4 +1,5 @@
-"""data/download.py and the two downloaders, against a local HTTP server (no network)."""
+"""data/download.py and the two downloaders, against a local HTTP server (no network).
+weights.fetch does the downloading; its own tests cover it in depth, these check the dataset side."""
 import http.server
 import io
 import json
@@ -74,10 +75,10 @@ def test_fetch_resumes_restarts_and_fails_clearly(server, tmp_path):
         f.write(b"stale bytes")
     fetch(f"{server}/big.bin", dest2)
     assert open(dest2, "rb").read() == body
-    with pytest.raises(DataError, match=rf"cannot download {server}/missing.json .*: "
+    with pytest.raises(DataError, match=rf"could not download {server}/missing.json \(HTTP 404\).*: "
                                         rf"{server}/missing.json -> {tmp_path}/x.json$"):
         fetch(f"{server}/missing.json", str(tmp_path / "x.json"))
-    with pytest.raises(DataError, match=rf"cannot download {DEAD}/a.zip .*on another machine.*-> .*a.zip$"):
+    with pytest.raises(DataError, match=rf"could not download {DEAD}/a.zip .*offline.*needs: {DEAD}/a.zip -> .*a.zip$"):
         fetch(f"{DEAD}/a.zip", str(tmp_path / "a.zip"))
     assert not os.path.exists(tmp_path / "x.json") and not os.path.exists(tmp_path / "a.zip")
 
@@ -118,7 +119,7 @@ def test_scienceqa_download_end_to_end(server, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         scienceqa.main(["--download", "--data_dir", str(tmp_path / "offline")])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"cannot download {DEAD}/problems.json" in err and "offline/problems.json" in err
+    assert err.count("\n") == 1 and f"could not download {DEAD}/problems.json" in err and "offline/problems.json" in err
     assert f"{DEAD}/test.zip -> {tmp_path}/offline/images/test.zip" in err  # every file, and where it goes
 
 
