@@ -82,6 +82,8 @@ def _fit(prompt_ids, cont_len, block_size, ex_id):
     """Cut the prompt from the left so prompt + continuation (cont_len tokens,
     the last of which is never an input) fits block_size. Returns (ids, cut?)."""
     global _warned_truncation
+    if not prompt_ids:
+        raise DataError(f"example {ex_id}: empty prompt (the first target token needs something to follow)")
     room = block_size + 1 - cont_len  # prompt tokens that fit
     if room < 1:
         raise DataError(f"example {ex_id}: its target alone ({cont_len} tokens) does not fit block_size={block_size}")

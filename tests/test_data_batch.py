@@ -61,6 +61,8 @@ def test_long_prompts_are_cut_from_the_left(monkeypatch):
         assert collate(exs, enc, tiny_transform, block_size=32)["n_truncated"] == 1
     with pytest.raises(DataError, match="example 0: its target alone"):
         collate(exs, enc, tiny_transform, block_size=5)
+    with pytest.raises(DataError, match="example 3: empty prompt"):
+        collate([Example(id="3", prompt="", target=" a cat", image=None)], enc, tiny_transform, block_size=32)
 
 
 def test_collate_rejects_unreadable_images(tmp_path):
