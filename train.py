@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import model as vlm
 from data import coco, scienceqa, shapes
+import data.batch as data_batch
 from data.batch import DataError, choice_batch, collate
 from data.metrics import caption_scores
 from data.tokenizer import EOT, get_encoding
@@ -130,10 +131,7 @@ def choice_scores(model, batch):
     """(B, C) log-likelihood of each example's options (-inf pads examples with fewer)."""
     logits, _ = model(batch["images"], batch["idx"], batch["score_targets"], batch["prompt_mask"],
                       batch["has_image"], batch["features"])  # (N, V): the head runs at scored positions only
-    logp = F.log_softmax(logits.float(), dim=-1)[batch["score_index"], batch["score_tok"]]  # (M,)
-    pairs = torch.zeros(sum(batch["n_choices"]), device=logp.device).index_add_(0, batch["score_choice"], logp)
-    return torch.nn.utils.rnn.pad_sequence(pairs.split(batch["n_choices"]), batch_first=True,
-                                           padding_value=-float("inf"))
+    return data_batch.choice_scores(logits, batch)
 
 
 def to_device(batch, device):

@@ -150,7 +150,7 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
         n_choices list[int] (B,), answer list[int | None] (B,), ids list[str] (B,)
         score_targets (R, T): 0 at scored positions, -100 elsewhere; score_index (M,):
             for logits computed only at the N scored positions (row-major), the one token m reads
-    Use: logits = model(...)  (R, T, V), then pick_choices(logits, batch) -> B predictions.
+    Use: logits = model(...), then pick_choices(logits, batch) -> B predictions.
     """
     ctxs, conts = [], []  # per example: context ids, list of choice ids
     for ex in examples:
@@ -191,18 +191,21 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
 
 
 def choice_scores(logits, batch):
-    """logits (R, T, V) for choice_batch's rows -> list of B tensors (C_i,):
-    the summed log-probability of each choice."""
-    row, pos, tok, pair = (batch[k].to(logits.device) for k in ("score_row", "score_pos", "score_tok", "score_choice"))
-    logp = torch.log_softmax(logits[row, pos].float(), dim=-1)  # (M, V)
-    tok_logp = logp.gather(1, tok[:, None])[:, 0]  # (M,)
+    """(B, C) summed log-probability of each example's choices, -inf where an example has
+    fewer than C. logits: all of them, (R, T, V), or only those at the scored positions,
+    (N, V) row-major, as a model whose head runs where batch["score_targets"] != -100 gives."""
+    if logits.dim() == 3:
+        logits = logits[batch["score_targets"].to(logits.device) != IGNORE]  # (N, V)
+    index, tok, pair = (batch[k].to(logits.device) for k in ("score_index", "score_tok", "score_choice"))
+    tok_logp = torch.log_softmax(logits.float(), dim=-1)[index, tok]  # (M,)
     pairs = torch.zeros(sum(batch["n_choices"]), device=logits.device).index_add_(0, pair, tok_logp)
-    return list(pairs.split(batch["n_choices"]))
+    return torch.nn.utils.rnn.pad_sequence(pairs.split(batch["n_choices"]), batch_first=True,
+                                           padding_value=-float("inf"))
 
 
 def pick_choices(logits, batch) -> list[int]:
     """The index of the most likely choice of every example."""
-    return [int(s.argmax()) for s in choice_scores(logits, batch)]
+    return choice_scores(logits, batch).argmax(dim=-1).tolist()
 
 
 def check_dir(path, what, command):

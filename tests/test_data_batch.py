@@ -128,7 +128,7 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
     per_choice = choice_batch(exs[1:] + exs[:1], enc, tiny_transform, 64)  # multi-token example forces rows
     with torch.no_grad():
         s1 = choice_scores(model(single["idx"]), single)[0]
-        s2 = choice_scores(model(per_choice["idx"]), per_choice)[0]
+        s2 = choice_scores(model(per_choice["idx"]), per_choice)[0, :2]  # padded to the other example's 3
     assert torch.allclose(s1, s2, atol=1e-5) and not torch.allclose(s1[0], s1[1])
     # the head may run only where score_targets != -100 (row-major): score_index says which output each token reads
     with torch.no_grad():
@@ -136,7 +136,9 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
     compact = torch.log_softmax(full[per_choice["score_targets"] != -100], -1)  # (N, V)
     tok_logp = compact[per_choice["score_index"], per_choice["score_tok"]]
     pairs = torch.zeros(5).index_add_(0, per_choice["score_choice"], tok_logp)
-    assert torch.allclose(torch.cat(choice_scores(full, per_choice)), pairs, atol=1e-5)
+    scores = choice_scores(full, per_choice)  # (2, 3): the 2-choice example padded with -inf
+    assert torch.isinf(scores[0, 2]) and torch.allclose(scores[torch.isfinite(scores)], pairs, atol=1e-5)
+    assert torch.allclose(choice_scores(full[per_choice["score_targets"] != -100], per_choice), scores)
     assert (per_choice["score_targets"] != -100).sum() == len(per_choice["score_tok"])  # each position scored once
     assert (single["score_targets"] != -100).sum() == 1 and single["score_index"].tolist() == [0, 0]  # shared
     with pytest.raises(DataError, match="example 9 has no choices"):
