@@ -7,8 +7,8 @@ from data import tokenizer
 from data.tokenizer import EOT, get_encoding
 
 
-@pytest.fixture
-def enc(monkeypatch):
+@pytest.fixture(scope="module")
+def enc():
     """The encoding built from scratch while every network connection fails (and is logged)."""
     attempts = []
 
@@ -16,13 +16,13 @@ def enc(monkeypatch):
         attempts.append(args)
         raise OSError("network is blocked in this test")
 
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    get_encoding.cache_clear()
-    encoding = get_encoding()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", refuse)
+        patch.setattr(socket.socket, "connect", refuse)
+        get_encoding.cache_clear()
+        encoding = get_encoding()
     assert attempts == []  # no network touched
-    yield encoding
-    get_encoding.cache_clear()  # later tests build their own, unpatched
+    return encoding
 
 
 def test_built_from_the_local_bpe_files(enc):
