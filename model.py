@@ -53,6 +53,11 @@ class VLM(nn.Module):
         for p in self.gpt.parameters():
             p.requires_grad_(freeze in ("vit", "none"))
 
+    @property
+    def block_size(self):
+        """Text tokens that fit the decoder's context: prefix mode's visual tokens take their share."""
+        return self.gpt.config.block_size - (1 + self.vit.config.grid ** 2 if self.mode == "prefix" else 0)
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -142,25 +147,34 @@ def checkpoint_state(model: VLM, llm: str, vit: str) -> dict:
     }
 
 
+def load_checkpoint(path) -> dict:
+    """The dict a nanoDEHVF checkpoint file holds (checkpoint_state's, plus what train.py adds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "nanodehvf" not in ckpt:
+        raise CheckpointError(f"{path} is not a nanoDEHVF checkpoint (was it written by train.py?)")
+    return ckpt
+
+
 def from_checkpoint(ckpt) -> VLM:
     """Rebuild a VLM from checkpoint_state's dict, or from a path to a saved one."""
-    if isinstance(ckpt, (str, Path)):
-        path = Path(ckpt)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ckpt, dict) or "nanodehvf" not in ckpt:
-            raise CheckpointError(f"{path} is not a nanoDEHVF checkpoint (was it written by train.py?)")
-    args, state = ckpt["args"], ckpt["model"]
-    has = lambda prefix: any(k.startswith(prefix) for k in state)
-    gpt = GPT(GPTConfig(**args["gpt_config"])) if has("gpt.") else GPT.from_pretrained(args["llm"])
-    vision = ViT(ViTConfig(**args["vit_config"])) if has("vit.") else ViT.from_pretrained(args["vit"])
-    fuser = dict(args["fuser"], vit_layers=tuple(args["fuser"]["vit_layers"] or ()) or None)
-    model = VLM(vision, gpt, args["mode"], FuserConfig(**fuser), args["freeze"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    ckpt = load_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
+    try:
+        args, state = ckpt["args"], ckpt["model"]
+        has = lambda prefix: any(k.startswith(prefix) for k in state)
+        gpt = GPT(GPTConfig(**args["gpt_config"])) if has("gpt.") else GPT.from_pretrained(args["llm"])
+        vision = ViT(ViTConfig(**args["vit_config"])) if has("vit.") else ViT.from_pretrained(args["vit"])
+        fuser = dict(args["fuser"], vit_layers=tuple(args["fuser"]["vit_layers"] or ()) or None)
+        model = VLM(vision, gpt, args["mode"], FuserConfig(**fuser), args["freeze"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, AssertionError, RuntimeError) as e:  # malformed args, shapes that do not fit
+        raise CheckpointError(f"checkpoint is damaged or from another version ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     missing = [k for k in missing if not k.startswith(("gpt.", "vit."))]  # backbones by name are loaded
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected {unexpected[:8]}")
