@@ -48,10 +48,12 @@ class Example:
 
 
 def load_image(path, ex_id):
-    """Open an image as RGB, or raise DataError naming the example and the file."""
+    """Open and fully decode an image, or raise DataError naming the example and the file.
+    The mode stays as stored: vit.preprocess makes it RGB (see-through parts onto white)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+            img.load()  # the full decode, so truncated files fail here
+            return img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"example {ex_id}: cannot read image {path} ({type(e).__name__}: {e})") from None
 
