@@ -192,7 +192,7 @@ def load_resume(path, args):
     """The checkpoint to resume from, after checking it was made by a run like this one."""
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume: no checkpoint at {path} (check --out_dir)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = vlm.load_checkpoint(path)
     old = ckpt.get("train_args", {})
     changed = [k for k in ("dataset", "mode", "llm", "vit", "freeze", "vit_layers", "pool", "rank", "loss",
                            "answer", "batch_size", "grad_accum", "seed") if old.get(k) != getattr(args, k)]
@@ -203,9 +203,14 @@ def load_resume(path, args):
 
 
 def save(obj, path):
+    """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def setup_distributed(args):
@@ -266,7 +271,7 @@ def main(argv=None):
         cache = FeatureCache(model, train_set + val_set, transform, out, device=args.device)
 
     def batch_of(examples, make):  # tensors on the device, with cached features when there is a cache
-        batch = make(examples, enc, None if cache else transform, model.gpt.config.block_size)
+        batch = make(examples, enc, None if cache else transform, model.block_size)
         batch["features"] = cache(batch["image_paths"], args.device) if cache else None
         return to_device(batch, args.device)
 
