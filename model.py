@@ -173,8 +173,9 @@ def from_checkpoint(ckpt) -> VLM:
         model = VLM(vision, gpt, args["mode"], FuserConfig(**fuser), args["freeze"])
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, AssertionError, RuntimeError) as e:  # malformed args, shapes that do not fit
+        detail = " ".join(str(e).split())  # one line: load_state_dict's list of mismatches spans several
         raise CheckpointError(f"checkpoint is damaged or from another version ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"{detail[:400]})") from None
     missing = [k for k in missing if not k.startswith(("gpt.", "vit."))]  # backbones by name are loaded
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected {unexpected[:8]}")
