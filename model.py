@@ -180,3 +180,10 @@ def from_checkpoint(ckpt) -> VLM:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model
+
+
+if __name__ == "__main__":  # trainable parameters per mode at GPT-2 124M + ViT-B/16 shapes, nothing downloaded
+    with torch.device("meta"):  # shapes only: no memory, no init
+        vision, gpt = ViT(ViTConfig()), GPT(GPTConfig())
+        for mode in MODES:
+            print(f"{mode:>6}: {VLM(vision, gpt, mode).n_trainable():>9,} trainable parameters")
