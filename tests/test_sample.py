@@ -48,6 +48,15 @@ def tiny_checkpoint(path, mode):
     return state
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: one thread beats two, above all on a machine shared with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample")
@@ -77,7 +86,8 @@ def cli(files):
         "generate": base + ["--prompt", "A picture of " * 100, "--max_new_tokens", "8"],
         "text_file": base[:4] + ["--image", str(files / "text.jpg")] + base[6:],
     }
-    procs = {k: subprocess.Popen(v, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # three tiny runs at once: one thread each
+    procs = {k: subprocess.Popen(v, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, v in runs.items()}
     done = {}
 
