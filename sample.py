@@ -38,7 +38,8 @@ def get_args(argv=None):
     a("--context", default=None, help="the question's hint (the prompt's 'Context:'; N/A if none)")
     a("--prompt", default="A picture of", help="without --question: the text to continue")
     a("--checkpoint", default="out/best.pt", help="written by train.py")
-    a("--answer", default=None, choices=["letter", "text"], help="options scored as ' A' or as ' red'; None: as the checkpoint was trained")
+    a("--answer", default=None, choices=["letter", "text"],
+      help="options scored as ' A' or as ' red'; None: as the checkpoint was trained")
     a("--max_new_tokens", type=int, default=30, help="generation length (stops early at end of text)")
     a("--temperature", type=float, default=0.0, help="0 = greedy")
     a("--top_k", type=int, default=None, help="sample among the k likeliest tokens only (temperature > 0)")
