@@ -143,3 +143,12 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
     assert (single["score_targets"] != -100).sum() == 1 and single["score_index"].tolist() == [0, 0]  # shared
     with pytest.raises(DataError, match="example 9 has no choices"):
         choice_batch([Example(id="9", prompt="A picture of", target=" x", image=None)], enc, tiny_transform, 64)
+
+
+def test_load_image_leaves_transparency_to_preprocess(tmp_path):
+    """A see-through PNG (ScienceQA has many) must reach vit.preprocess with its alpha, which puts it
+    on white as CLIPImageProcessor does; converting to RGB on load would make it black."""
+    from vit import preprocess
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    white = preprocess(Image.new("RGB", (16, 16), "white"), 16)
+    assert torch.equal(preprocess(batch.load_image(tmp_path / "clear.png", "t"), 16), white)
