@@ -6,7 +6,7 @@
 
 A question goes into the prompt training used (data/scienceqa.py's QCM) and its
 options are scored by their likelihood after " The answer is", through the same
-path train.py evaluates with (data/batch.py's choice_batch and choice_scores).
+path train.py evaluates with (data/batch.py's choice_batch and score_choices).
 `--show_fusion` draws, with Pillow only, the fuser's mix over ViT layers that
 each decoder layer chose for this image and text (DESIGN.md section 4, step 2).
 """
@@ -20,10 +20,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import model as vlm
-from data.batch import DataError, Example, choice_batch, load_image
+from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
 from data.scienceqa import ANSWER_PREFIX, build_prompt
 from data.tokenizer import EOT, get_encoding
-from train import choice_scores, to_device
 from vit import preprocess
 from weights import CheckpointError
 
@@ -71,7 +70,7 @@ def answer_question(model, args, answer_format, enc):
                  image=args.image, answer_prefix=ANSWER_PREFIX, choices=[f" {s}" for s in shown])
     transform = lambda img: preprocess(img, model.vit.config.image_size)
     batch = to_device(choice_batch([ex], enc, transform, model.block_size), args.device)
-    probs = choice_scores(model, {**batch, "features": None})[0].softmax(dim=-1).tolist()
+    probs = score_choices(model, batch)[0].softmax(dim=-1).tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     print(f"{ex.prompt}{ANSWER_PREFIX}{ex.choices[best]}.")
     width = max(len(o) for o in args.options)

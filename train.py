@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 import model as vlm
 from data import coco, scienceqa, shapes
-import data.batch as data_batch
-from data.batch import DataError, choice_batch, collate
+from data.batch import DataError, choice_batch, collate, score_choices, to_device
 from data.metrics import caption_scores
 from data.tokenizer import EOT, get_encoding
 from features import FeatureCache
@@ -127,17 +126,6 @@ def stream(n, seed, start, count):
     return out
 
 
-def choice_scores(model, batch):
-    """(B, C) log-likelihood of each example's options (-inf pads examples with fewer)."""
-    logits, _ = model(batch["images"], batch["idx"], batch["score_targets"], batch["prompt_mask"],
-                      batch["has_image"], batch["features"])  # (N, V): the head runs at scored positions only
-    return data_batch.choice_scores(logits, batch)
-
-
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def predict(model, examples, args, batch_of, rank=0, world=1):
     """{id: chosen option index} for QA, {id: greedy caption} for captions; sharded over processes."""
@@ -153,7 +141,7 @@ def predict(model, examples, args, batch_of, rank=0, world=1):
             for ex, row in zip(chunk, tokens[:, prompt.size(1):].tolist()):
                 out[ex.id] = get_encoding().decode(row[:row.index(EOT)] if EOT in row else row).strip()
         else:
-            for ex, s in zip(chunk, choice_scores(model, batch_of(chunk, choice_batch))):
+            for ex, s in zip(chunk, score_choices(model, batch_of(chunk, choice_batch))):
                 out[ex.id] = int(s.argmax())
     if world > 1:
         parts = [None] * world
@@ -335,7 +323,7 @@ def main(argv=None):
             with (train_model.no_sync() if ddp and k < len(micro) - 1 else nullcontext()), autocast:
                 if args.loss == "choices":
                     answers = torch.tensor(batch["answer"], device=args.device)
-                    loss_sum = F.cross_entropy(choice_scores(train_model, batch), answers, reduction="sum")
+                    loss_sum = F.cross_entropy(score_choices(train_model, batch), answers, reduction="sum")
                 else:
                     logits, loss = train_model(batch["images"], batch["idx"], batch["targets"],
                                                batch["prompt_mask"], batch["has_image"], batch["features"])

@@ -205,6 +205,18 @@ def choice_scores(logits, batch):
                                            padding_value=-float("inf"))
 
 
+def score_choices(model, batch):
+    """(B, C) log-likelihood of each example's choices under model (a VLM), running its head
+    only at the scored positions. batch: choice_batch's, optionally with cached "features"."""
+    logits, _ = model(batch["images"], batch["idx"], batch["score_targets"], batch["prompt_mask"],
+                      batch["has_image"], batch.get("features"))  # (N, V)
+    return choice_scores(logits, batch)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def pick_choices(logits, batch) -> list[int]:
     """The index of the most likely choice of every example."""
     return choice_scores(logits, batch).argmax(dim=-1).tolist()
