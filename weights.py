@@ -56,6 +56,9 @@ def fetch(url: str, dest: Path, missing_ok: bool = False) -> Path | None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if isinstance(e, urllib.error.HTTPError) and e.code == 404 and missing_ok:
             return None
+        if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # .part complete but not renamed
+            part.unlink()
+            return fetch(url, dest, missing_ok)
         reason = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise CheckpointError(
             f"could not download {url} ({reason}). If this machine is offline, download that file "
@@ -125,11 +128,15 @@ def hf_checkpoint(name_or_path: str, repo: str | None = None):
     if repo is not None:  # a public name: download into the cache once
         path = cache_dir() / repo
         base = f"https://huggingface.co/{repo}/resolve/main"
-        fetch(f"{base}/config.json", path / "config.json")
-        if not any((path / f).exists() for f in WEIGHT_FILES):
-            # older repos only have the pickled weights
-            if fetch(f"{base}/{WEIGHT_FILES[0]}", path / WEIGHT_FILES[0], missing_ok=True) is None:
-                fetch(f"{base}/{WEIGHT_FILES[1]}", path / WEIGHT_FILES[1])
+        try:
+            fetch(f"{base}/config.json", path / "config.json")
+            if not any((path / f).exists() for f in WEIGHT_FILES):
+                # older repos only have the pickled weights
+                if fetch(f"{base}/{WEIGHT_FILES[0]}", path / WEIGHT_FILES[0], missing_ok=True) is None:
+                    fetch(f"{base}/{WEIGHT_FILES[1]}", path / WEIGHT_FILES[1])
+        except CheckpointError as e:  # name every file the folder needs, not only the first that failed
+            raise CheckpointError(f"{e} (a complete folder holds {base}/config.json and "
+                                  f"{base}/{WEIGHT_FILES[0]}, or a local path can be given instead)") from None
     if path.is_dir():
         files = [path / f for f in WEIGHT_FILES if (path / f).exists()]
         if not files:

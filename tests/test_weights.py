@@ -314,7 +314,8 @@ def test_public_name_offline_says_where_to_put_the_file(offline, tmp_path, cls, 
     url = f"https://huggingface.co/{repo}/resolve/main/config.json"
     local = tmp_path / "cache" / repo / "config.json"
     assert str(e.value).startswith(f"could not download {url} (")
-    assert str(e.value).endswith(f"place it at {local}")
+    assert f"place it at {local}" in str(e.value)
+    assert f"https://huggingface.co/{repo}/resolve/main/model.safetensors" in str(e.value)  # both files named
     assert not local.exists()
 
 
