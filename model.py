@@ -90,8 +90,9 @@ class VLM(nn.Module):
             if has_image.all():
                 return self.gpt.hidden(idx, prefix=prefix)
             # text-only samples must see no prefix and keep positions 0..T-1: run them apart
-            h = prefix.new_empty(B, T, self.gpt.config.n_embd)
-            h[has_image] = self.gpt.hidden(idx[has_image], prefix=prefix[has_image])
+            with_image = self.gpt.hidden(idx[has_image], prefix=prefix[has_image])
+            h = with_image.new_empty(B, T, with_image.size(-1))  # the GPT's output dtype (fp32 under autocast)
+            h[has_image] = with_image
             h[~has_image] = self.gpt.hidden(idx[~has_image])
             return h
         prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
