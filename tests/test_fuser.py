@@ -36,6 +36,7 @@ def make(mode, seed=0):
     """A VLM on (copies of) the seeded tiny backbones, its trainable weights moved off their
     init (gates open, a sharper selector) as training would, so the memory and the mix matter."""
     vit, gpt = (copy.deepcopy(m) for m in _backbones())
+    torch.manual_seed(seed)  # the fuser's own init
     model = VLM(vit, gpt, mode)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
