@@ -19,7 +19,6 @@ B, T, PROMPT = 3, 10, 6  # batch, tokens, prompt tokens (the rest is the answer)
 V = GPTConfig.tiny().vocab_size
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: one thread beats two, above all on a machine shared with others."""
@@ -166,7 +165,8 @@ def test_generate_with_cache_equals_full_recompute(mode):
         model.fuser.up.register_forward_hook(lambda *args: memory_builds.append(1))
     out = {}
     for use_cache in (True, False):
-        vit_calls.clear(), memory_builds.clear()
+        vit_calls.clear()
+        memory_builds.clear()
         out[use_cache] = model.generate(images, prompt, steps, temperature=0.0, use_cache=use_cache)
         assert len(vit_calls) == (0 if mode == "none" else 1)  # the image is read once per call
         assert len(memory_builds) == (model.gpt.config.n_layer if mode in FUSED else 0)
