@@ -1,39 +1,35 @@
 """Speed and memory of the fusion modes side by side (issue 6).
 
-DEHVF's claim is efficiency: the image enters the decoder's FFNs, so the sequence
-stays text-only, where `prefix` (LLaVA-style) makes it 197 positions longer for a
-ViT-B/16. This measures what that buys against baselines implemented as well as
-our own mode: every mode runs the LM head only at the target positions, on
-contiguous rows (GPT.head), and prefix uses the same SDPA kernel and the 197
-visual tokens it trains with.
+DEHVF keeps the sequence text-only (the image enters the decoder's FFNs), where
+`prefix` (LLaVA-style) makes it 197 positions longer for a ViT-B/16. This measures
+what that buys against baselines implemented as well as our own mode: every mode
+runs the LM head only at the target positions, on contiguous rows (GPT.head), and
+prefix uses the same SDPA kernel and the 197 visual tokens it trains with.
 
 All modes share one frozen ViT and one frozen GPT (default "random": GPT-2 124M and
-CLIP ViT-B/16 shapes, random weights, nothing to download). After a warm-up pass
-that is discarded, each repetition runs every mode, in an order rotated each time;
-reported are medians of the times and medians of the per-repetition ratios to
-dehvf (x), which are robust on a shared, noisy machine.
+CLIP ViT-B/16 shapes, random weights, nothing to download). After a discarded
+warm-up, each repetition runs every mode, in an order rotated each time; reported
+are medians of the times and medians of the per-repetition ratios to dehvf (x).
 
-- step: forward + backward + AdamW on the trainable parameters, batch B of T text
-  tokens, loss on the last --answer tokens of each. "uncached" runs the ViT;
-  "cached" is given the features (VLM.features: what a frozen-ViT feature cache
-  holds), so it is the LLM part; the difference is the ViT's share. `none` trains
-  nothing: its backward runs through the frozen decoder down to the token
-  embeddings (the backward the other modes need), with no optimizer step.
-- whole run: --epochs epochs with the feature cache: per batch the ViT once, then
-  one cached step per epoch.
+- step: forward + backward + AdamW on the trainable parameters, B samples of T
+  tokens, loss on the last --answer of each. "uncached" runs the ViT; "cached" is
+  given VLM.features (what a frozen-ViT feature cache holds), so it is the LLM
+  part; the difference is the ViT's share. `none` trains nothing: its backward runs
+  through the decoder down to block 1, as dehvf's does (dehvf's first trainable
+  input enters block 0's FFN), so dehvf/none is the fuser's own cost.
+- whole run: --epochs epochs with the feature cache: the ViT once, then cached steps.
 - prefill: batch 1, a T-token prompt to the next token's logits, with and without the ViT.
-- decode: --new_tokens greedy tokens after a --decode_prompt-token prompt, with the
-  KV cache and by recomputing the sequence for each token: generate(n) - generate(1),
-  i.e. without the prefill.
-- memory: peak bytes of the warm-up's uncached training step above those allocated
-  before it (weights, AdamW state, batch). CUDA: torch.cuda.max_memory_allocated.
-  CPU: the peak of the running sum of torch.profiler's allocation and free events
+- decode: --new_tokens greedy tokens with the KV cache and by recomputing the whole
+  sequence per token, the prefill excluded (generate(n) - generate(1)).
+- memory: peak bytes of the warm-up's uncached step above those allocated before it
+  (weights, AdamW state, batch). CUDA: torch.cuda.max_memory_allocated. CPU: the
+  peak of the running sum of torch.profiler's allocation and free events
   (profile_memory=True): tensor bytes exactly, whatever malloc caches or other
   processes do.
 
-    python bench.py                            # B=4, T=128: a few minutes on an idle CPU
-    python bench.py --T 32,64,128,256,512 --json /tmp/bench.json
-    python bench.py --device cuda              # bf16 autocast
+    python bench.py --threads 1          # B=4, T=128: 12 minutes on 2 busy CPU cores
+    python bench.py --T 32,64,128,256,512 --modes dehvf,prefix,none --decode_modes "" --json /tmp/sweep.json
+    python bench.py --device cuda        # bf16 autocast
 """
 import argparse
 import json
@@ -51,8 +47,9 @@ from model import MODES, VLM, build_backbones
 from vit import ViT, ViTConfig
 from weights import CheckpointError
 
+
 def backbones(llm, vit):
-    """"random": the real shapes with random weights; else build_backbones' names, paths or "tiny"."""
+    """The real shapes with random weights for "random", else build_backbones' names, paths or "tiny"."""
     vision, gpt = build_backbones("tiny" if llm == "random" else llm, "tiny" if vit == "random" else vit)
     gpt = GPT(GPTConfig()) if llm == "random" else gpt
     vision = ViT(ViTConfig()) if vit == "random" else vision
@@ -103,8 +100,8 @@ def jobs(model, opt, batch, amp):
 
     def step(features=None):
         hook = None
-        if model.mode == "none":  # nothing trains: still run the backward through the decoder
-            hook = model.gpt.transformer.wte.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        if model.mode == "none":  # nothing trains: still run the backward dehvf needs, from block 1 on
+            hook = model.gpt.transformer.h[0].register_forward_hook(lambda m, i, out: out.requires_grad_())
         with amp():
             _, loss = model(images, idx, targets, prompt_mask, features=features)
         if hook is not None:
@@ -212,17 +209,29 @@ def report(config, results, decode):
               f"KV cache {d['kv_tok_s']:.2f} tok/s, recompute {d['recompute_tok_s']:.2f} tok/s, x{d['speedup']:.1f}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every default."""
+
+
+def words(s):
+    return [w for w in s.split(",") if w]
+
+
+def ints(s):
+    return [int(w) for w in words(s)]
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--llm", default="random", help='"random" (GPT-2 124M shapes), "tiny", a public name or a path')
     p.add_argument("--vit", default="random", help='"random" (CLIP ViT-B/16 shapes), "tiny", a public name or a path')
-    p.add_argument("--modes", default=",".join(MODES), help="comma list, dehvf included")
+    p.add_argument("--modes", default=",".join(MODES), type=words, help="comma list, dehvf included")
     p.add_argument("--B", type=int, default=4, help="training batch size")
-    p.add_argument("--T", default="128", help="text tokens per sample; a comma list sweeps")
+    p.add_argument("--T", default="128", type=ints, help="text tokens per sample; a comma list sweeps")
     p.add_argument("--answer", type=int, default=16, help="target tokens per sample (the rest is prompt)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the whole-run figure")
-    p.add_argument("--decode_modes", default="dehvf", help="comma list (recomputation is slow on a CPU)")
+    p.add_argument("--decode_modes", default="dehvf", type=words, help="comma list (recomputing is slow on a CPU)")
     p.add_argument("--decode_prompt", type=int, default=128, help="prompt tokens before decoding")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens to decode")
     p.add_argument("--decode_reps", type=int, default=1, help="timed decoding repetitions after a warm-up")
@@ -231,8 +240,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast)")
     p.add_argument("--json", default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
-    modes, Ts = args.modes.split(","), [int(t) for t in args.T.split(",")]
-    decode_modes = [m for m in args.decode_modes.split(",") if m]
+    modes, Ts, decode_modes = args.modes, args.T, args.decode_modes
     if "dehvf" not in modes or not set(modes) <= set(MODES) or not set(decode_modes) <= set(modes):
         sys.exit(f"bench.py: --modes must be among {', '.join(MODES)} and include dehvf; --decode_modes among --modes")
     if min(Ts) <= args.answer or min(args.B, args.reps, args.new_tokens - 1, args.decode_reps, args.answer) < 1:
