@@ -6,8 +6,12 @@ the loading tests read (built from a config, never downloaded).
 import os
 import sys
 
-import pytest
-import torch
+# one torch thread, here and in the scripts the tests start: the tiny models' ops are too small
+# to gain from two, and a busy second core makes two-thread runs many times slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
