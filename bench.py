@@ -158,7 +158,7 @@ def bench_T(models, opts, T, args, device, amp):
             with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
                 fns[mode].get("step_cached", fns[mode]["step"])()
             print(f"\n{mode}, T={T}, a cached step:\n" + prof.key_averages(group_by_input_shape=True).table(
-                sort_by=f"self_{'cuda' if cuda else 'cpu'}_time_total", row_limit=args.profile, max_name_column_width=50))
+                sort_by=f"self_{'device' if cuda else 'cpu'}_time_total", row_limit=args.profile, max_name_column_width=50))
     return {mode: {key: summary(v, times["dehvf"][key]) for key, v in times[mode].items()} for mode in modes}
 
 

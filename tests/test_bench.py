@@ -2,6 +2,7 @@
 refuses bad input clearly, and its CPU memory method counts tensor bytes. No timing assertions."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def run(*args):
 def test_bench_tiny_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     p = run("--llm", "tiny", "--vit", "tiny", "--B", "2", "--T", "12,20", "--answer", "4", "--reps", "1",
-            "--decode_prompt", "6", "--new_tokens", "3", "--threads", "1", "--json", str(out))
+            "--decode_prompt", "6", "--new_tokens", "3", "--threads", "1", "--profile", "3", "--json", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["config"]["threads"] == 1 and data["config"]["precision"] == "fp32"
@@ -39,9 +40,10 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert res["prefix"]["memory"]["median"] > res["none"]["memory"]["median"]
     assert set(data["decode"]) == {"dehvf"}
     assert data["decode"]["dehvf"]["kv_tok_s"] > 0 and data["decode"]["dehvf"]["recompute_tok_s"] > 0
-    for line in ("1 threads", "T=12", "T=20", "T sweep", "decode, dehvf", "wrote"):
+    for line in ("1 threads", "T=12", "T=20", "T sweep", "decode, dehvf", "prefix, T=20, a cached step", "wrote"):
         assert line in p.stdout, line
-    assert sum(line.startswith(("dehvf", "prefix", "none")) for line in p.stdout.splitlines()) == 6
+    rows = [line.split()[0] for line in p.stdout.splitlines() if re.match(r"(dehvf|static|memvp|prefix|none) +[0-9]", line)]
+    assert rows == ["dehvf", "static", "memvp", "prefix", "none"] * 2  # one table row per mode and T
 
 
 def test_bench_help_and_bad_input(capsys):
