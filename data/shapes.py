@@ -2,7 +2,8 @@
 runs offline, learns in minutes on a CPU, and shows the `none` ablation (image
 ignored) failing where the fused modes succeed (DESIGN.md section 5).
 
-Each image is 224x224 with 1-4 solid shapes on a plain background. The image
+Each image is 224x224 with 1-4 solid shapes (1-5 for count questions, so that
+every count option, 1 to 5, can be right) on a plain background. The image
 is cut into a grid (default 4x4 cells of 56 px); every object lies inside its
 own cell, with its size and position jittered, so a tiny ViT whose patches
 match the cells sees one object per patch. Question types:
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from data.batch import DataError
 
-VERSION = 1  # bump when the generator changes, so ensure_shapes regenerates old copies
+VERSION = 2  # bump when the generator changes, so ensure_shapes regenerates old copies
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
            "yellow": (240, 210, 40), "purple": (150, 60, 190), "orange": (245, 140, 30)}
@@ -53,7 +54,7 @@ BACKGROUNDS = {"black": (20, 20, 20), "dark gray": (70, 70, 70), "light gray": (
 BG_JITTER = 8  # each background channel moves by up to this much, per image
 QTYPES = ("colour", "shape", "count", "position", "text")
 RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}  # (row=0/col=1, sign)
-NUMBERS = ("one", "two", "three", "four")
+NUMBERS = ("one", "two", "three", "four", "five")
 # subject, grades, topic, category per question type, in the way ScienceQA fills them
 META = {"colour": ("natural science", (1, 2), "colors", "Identify colors"),
         "shape": ("natural science", (2, 3), "shapes", "Identify shapes"),
@@ -64,11 +65,11 @@ META = {"colour": ("natural science", (1, 2), "colors", "Identify colors"),
 
 # ----------------------------------------------------------------------------- scenes and drawing
 
-def make_scene(rng, grid=4):
-    """1-4 objects in distinct grid cells, each jittered inside its cell."""
+def make_scene(rng, grid=4, most=4):
+    """1 to `most` objects in distinct grid cells, each jittered inside its cell."""
     cell = SIZE / grid
     objects = []
-    for c in rng.sample(range(grid * grid), rng.randint(1, 4)):
+    for c in rng.sample(range(grid * grid), rng.randint(1, most)):
         row, col = divmod(c, grid)
         size = int(cell * rng.uniform(0.5, 0.8))  # bounding-box side in px
         slack = int(cell) - size - 2
@@ -205,7 +206,9 @@ def _problem(rng, qtype, split, bags, grid):
         question, hint, answer, pool = _ask_text(rng, inline)
     else:
         while True:  # resample until this scene can ask this question type
-            scene = make_scene(rng, grid)
+            # count options are 1-5: with at most 4 objects "5" would never be right, a prior
+            # that a text-only model could learn
+            scene = make_scene(rng, grid, 5 if qtype == "count" else 4)
             asked = _ask(rng, qtype, scene)
             if asked:
                 question, hint, answer, pool = asked

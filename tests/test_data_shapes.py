@@ -80,7 +80,7 @@ def test_images_match_their_scenes(shapes):
         img = Image.open(os.path.join(root, "images", p["split"], pid, "image.png"))
         assert img.size == (224, 224) and img.mode == "RGB"
         scene, cell = p["scene"], 224 / p["scene"]["grid"]
-        assert 1 <= len(scene["objects"]) <= 4
+        assert 1 <= len(scene["objects"]) <= (5 if p["qtype"] == "count" else 4)
         cells = {(o["row"], o["col"]) for o in scene["objects"]}
         assert len(cells) == len(scene["objects"])  # one object per cell
         (r, c) = next((r, c) for r in range(4) for c in range(4) if (r, c) not in cells)
@@ -91,6 +91,13 @@ def test_images_match_their_scenes(shapes):
             assert o["row"] * cell <= y0 < y1 <= (o["row"] + 1) * cell
             assert img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == COLOURS[o["colour"]]
             assert o["shape"] in SHAPES
+
+
+def test_every_count_option_can_be_right(shapes):
+    # with 1-4 objects a count option "5" would never be right: a prior a text-only model can learn
+    _, problems = shapes
+    answers = Counter(p["choices"][p["answer"]] for p in problems.values() if p["qtype"] == "count")
+    assert set(answers) == {"1", "2", "3", "4", "5"} and min(answers.values()) > 10, answers
 
 
 def test_answer_positions_balanced(shapes):
