@@ -253,13 +253,13 @@ def main(argv=None):
               f"{len(train_set)} train / {len(val_set)} val examples")
     transform = lambda img: preprocess(img, model.vit.config.image_size)
     cache = None
-    if args.cache_features != "off":  # a frozen ViT's features, computed once
+    if args.cache_features != "off" and args.mode != "none":  # a frozen ViT's features, computed once
         out = args.out_dir if args.cache_features == "disk" else None
         os.makedirs(args.out_dir, exist_ok=True)
         cache = FeatureCache(model, train_set + val_set, transform, out, device=args.device)
 
     def batch_of(examples, make):  # tensors on the device, with cached features when there is a cache
-        batch = make(examples, enc, None if cache else transform, model.block_size)
+        batch = make(examples, enc, None if cache or args.mode == "none" else transform, model.block_size)
         batch["features"] = cache(batch["image_paths"], args.device) if cache else None
         return to_device(batch, args.device)
 
