@@ -14,14 +14,12 @@ caption as target and all of them as `references` for BLEU / CIDEr-D
 
     python -m data.coco --download [--data_dir DIR]     # fetch, unpack, verify
 """
-import argparse
 import os
-import sys
 import warnings
 from collections import Counter
 
 from data.batch import DataError, Example, check_dir, read_json
-from data.download import fetch, unzip, unzip_file
+from data.download import fetch, unzip, unzip_file, main as download_main
 
 DEFAULT_ROOT = "data/raw/coco"
 URLS = {
@@ -125,16 +123,7 @@ def verify(root=DEFAULT_ROOT):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="COCO Captions (Karpathy split): download and verify")
-    parser.add_argument("--download", action="store_true", help="fetch the files, unpack and verify them")
-    parser.add_argument("--data_dir", default=DEFAULT_ROOT, help="where the dataset lives (default %(default)s)")
-    parser.add_argument("--keep_zips", action="store_true", help="keep the archives after unpacking")
-    args = parser.parse_args(argv)
-    try:
-        download(args.data_dir, args.keep_zips) if args.download else verify(args.data_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    download_main(argv, "COCO Captions (Karpathy split): download and verify", DEFAULT_ROOT, download, verify)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ so an interrupted run never leaves something that looks finished. Without
 network access a download fails with one DataError naming the URL and where
 to put it by hand, followed by every file the dataset needs.
 """
+import argparse
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -64,3 +66,17 @@ def unzip_file(zip_path, filename, dest):
         raise DataError(f"{zip_path} is not a complete zip file ({e}); delete it and run the command again") from None
     os.replace(dest + ".part", dest)
     return dest
+
+
+def main(argv, description, default_root, download, verify):
+    """The command line of a dataset module: --download (then verify), or verify what is there."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--download", action="store_true", help="fetch the files, unpack and verify them")
+    parser.add_argument("--data_dir", default=default_root, help="where the dataset lives (default %(default)s)")
+    parser.add_argument("--keep_zips", action="store_true", help="keep the archives after unpacking")
+    args = parser.parse_args(argv)
+    try:
+        download(args.data_dir, args.keep_zips) if args.download else verify(args.data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

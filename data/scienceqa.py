@@ -17,15 +17,13 @@ The synthetic set in shapes.py is written in this same layout and read here.
 
     python -m data.scienceqa --download [--data_dir DIR]     # fetch, unpack, verify
 """
-import argparse
 import os
 import string
-import sys
 import warnings
 from collections import Counter
 
 from data.batch import DataError, Example, check_dir, read_json
-from data.download import fetch, unzip
+from data.download import fetch, unzip, main as download_main
 
 DEFAULT_ROOT = "data/raw/scienceqa"
 URLS = {
@@ -197,16 +195,7 @@ def verify(root=DEFAULT_ROOT):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ScienceQA: download and verify, or print a split's sizes")
-    parser.add_argument("--download", action="store_true", help="fetch the official files, unpack and verify them")
-    parser.add_argument("--data_dir", default=DEFAULT_ROOT, help="where the dataset lives (default %(default)s)")
-    parser.add_argument("--keep_zips", action="store_true", help="keep the image archives after unpacking")
-    args = parser.parse_args(argv)
-    try:
-        download(args.data_dir, args.keep_zips) if args.download else verify(args.data_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    download_main(argv, "ScienceQA: download and verify, or print a split's sizes", DEFAULT_ROOT, download, verify)
 
 
 if __name__ == "__main__":

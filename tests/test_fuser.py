@@ -16,15 +16,6 @@ from vit import ViTConfig
 B, T, PROMPT = 3, 10, 6  # batch, tokens, prompt tokens (the rest is the answer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread beats two, above all on a machine shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def _backbones():
     torch.manual_seed(0)
