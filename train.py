@@ -35,18 +35,23 @@ from vit import preprocess
 from weights import CheckpointError
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help text already says what None means."""
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
-    a("--dataset", default="shapes", choices=["shapes", "scienceqa", "coco"])
+    a("--dataset", default="shapes", choices=["shapes", "scienceqa", "coco"], help="shapes is made offline")
     a("--data_dir", default=None, help="default: data/raw/<dataset>")
     a("--answer", default=None, choices=["letter", "text"],
       help="QA target: ' The answer is A.' or ' The answer is red.' (default: letter, text for shapes)")
     a("--loss", default=None, choices=["lm", "choices"],
       help="lm: next-token loss on the target; choices: cross-entropy over the options' "
            "likelihoods (default: lm, choices for shapes)")
-    a("--mode", default="dehvf", choices=vlm.MODES)
+    a("--mode", default="dehvf", choices=vlm.MODES, help="how the image reaches the decoder (model.py)")
     a("--llm", default="tiny", help="gpt2, gpt2-medium, ..., a local checkpoint, or tiny (small, random)")
     a("--vit", default="tiny", help="openai/clip-vit-base-patch16, ..., a local checkpoint, or tiny")
     a("--freeze", default="all", choices=vlm.FREEZE, help="which backbones stay frozen")
@@ -54,23 +59,23 @@ def get_args(argv=None):
     a("--pool", type=int, default=None, help="fuser pooling (default: 2, 1 for tiny)")
     a("--rank", type=int, default=128, help="fuser projector rank")
     a("--batch_size", type=int, default=32, help="per process, per micro-step")
-    a("--grad_accum", type=int, default=1)
-    a("--lr", type=float, default=3e-3)
+    a("--grad_accum", type=int, default=1, help="micro-steps per optimiser step")
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr)")
     a("--min_lr", type=float, default=None, help="end of the cosine (default: lr / 10)")
     a("--warmup", type=int, default=50, help="warm-up steps")
-    a("--weight_decay", type=float, default=0.01)
+    a("--weight_decay", type=float, default=0.01, help="AdamW, on matrices only")
     a("--grad_clip", type=float, default=1.0, help="0 = off")
     a("--epochs", type=float, default=3.0, help="length of the run, unless --max_steps")
-    a("--max_steps", type=int, default=None)
-    a("--eval_interval", type=int, default=200)
+    a("--max_steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
+    a("--eval_interval", type=int, default=200, help="steps between evaluations and checkpoints")
     a("--eval_samples", type=int, default=None, help="validation examples per evaluation (default: all)")
     a("--n_train", type=int, default=4000, help="shapes: training problems")
     a("--n_val", type=int, default=400, help="shapes: validation (and test) problems")
-    a("--out_dir", default="out")
+    a("--out_dir", default="out", help="checkpoints and log.jsonl")
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    a("--seed", type=int, default=1337)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=1337, help="weights, data order")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--cache_features", default=None, choices=["off", "memory", "disk"],
