@@ -60,17 +60,17 @@ def get_args(argv=None):
     a("--rank", type=int, default=128, help="fuser projector rank")
     a("--batch_size", type=int, default=32, help="per process, per micro-step")
     a("--grad_accum", type=int, default=1, help="micro-steps per optimiser step")
-    a("--lr", type=float, default=3e-3, help="peak learning rate")
-    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3, 1e-2 for shapes)")
+    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 0.1 for shapes)")
     a("--min_lr", type=float, default=None, help="end of the cosine (default: lr / 10)")
     a("--warmup", type=int, default=50, help="warm-up steps")
     a("--weight_decay", type=float, default=0.01, help="AdamW, on matrices only")
     a("--grad_clip", type=float, default=1.0, help="0 = off")
-    a("--epochs", type=float, default=3.0, help="length of the run, unless --max_steps")
+    a("--epochs", type=float, default=4.0, help="length of the run, unless --max_steps")
     a("--max_steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
-    a("--eval_interval", type=int, default=200, help="steps between evaluations and checkpoints")
+    a("--eval_interval", type=int, default=250, help="steps between evaluations and checkpoints")
     a("--eval_samples", type=int, default=None, help="validation examples per evaluation (default: all)")
-    a("--n_train", type=int, default=4000, help="shapes: training problems")
+    a("--n_train", type=int, default=16000, help="shapes: training problems")
     a("--n_val", type=int, default=400, help="shapes: validation (and test) problems")
     a("--out_dir", default="out", help="checkpoints and log.jsonl")
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
@@ -85,13 +85,15 @@ def get_args(argv=None):
     tiny_shapes = args.dataset == "shapes"
     args.answer = args.answer or ("text" if tiny_shapes else "letter")
     args.loss = args.loss or ("choices" if tiny_shapes else "lm")
+    args.lr = (1e-2 if tiny_shapes else 3e-3) if args.lr is None else args.lr
+    args.gate_lr = (0.1 if tiny_shapes else args.lr) if args.gate_lr is None else args.gate_lr
     args.pool = args.pool or (1 if args.vit == "tiny" else 2)
     args.data_dir = args.data_dir or f"data/raw/{args.dataset}"
     for name in ("batch_size", "grad_accum", "eval_interval", "rank", "pool", "n_train", "n_val"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.lr <= 0 or args.epochs <= 0 or (args.max_steps is not None and args.max_steps < 1):
-        p.error("--lr, --epochs and --max_steps must be positive")
+    if min(args.lr, args.gate_lr, args.epochs) <= 0 or (args.max_steps is not None and args.max_steps < 1):
+        p.error("--lr, --gate_lr, --epochs and --max_steps must be positive")
     args.cache_features = args.cache_features or ("memory" if tiny_shapes and args.freeze in ("all", "vit") else "off")
     if args.cache_features != "off" and args.freeze not in ("all", "vit"):
         p.error(f"--cache_features needs a frozen ViT, but --freeze {args.freeze} trains it")
@@ -223,7 +225,7 @@ def make_optimizer(model, args):
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups["gate" if name == "fuser.gate" else "decay" if p.dim() >= 2 else "no_decay"].append(p)
-    scale = {"decay": 1.0, "no_decay": 1.0, "gate": (args.gate_lr or args.lr) / args.lr}
+    scale = {"decay": 1.0, "no_decay": 1.0, "gate": args.gate_lr / args.lr}
     return torch.optim.AdamW([{"params": ps, "weight_decay": args.weight_decay if g == "decay" else 0.0,
                                "lr_scale": scale[g]} for g, ps in groups.items() if ps], lr=args.lr, betas=(0.9, 0.99))
 

@@ -28,7 +28,7 @@ bag per number of options, so positions are balanced to within one question.
 the same images (data/coco.py reads it). Same seed and sizes -> byte-identical
 files.
 
-    python -m data.shapes --n_train 4000 --n_val 400 --out data/raw/shapes
+    python -m data.shapes --n_train 16000 --n_val 400 --out data/raw/shapes
 """
 import argparse
 import json
@@ -167,7 +167,7 @@ def caption(scene):
 
 # ----------------------------------------------------------------------------- the dataset
 
-def generate(out, n_train=4000, n_val=400, n_test=None, seed=0, grid=4, progress=True):
+def generate(out, n_train=16000, n_val=400, n_test=None, seed=0, grid=4, progress=True):
     """Write the dataset into the folder out (which must not exist yet)."""
     n_test = n_val if n_test is None else n_test
     rng = random.Random(seed)
@@ -238,7 +238,7 @@ def _caption_entry(imgid, pid, split, scene):
                           for r, s in zip(refs, sentids)]}
 
 
-def ensure_shapes(root="data/raw/shapes", n_train=4000, n_val=400, seed=0, n_test=None, grid=4):
+def ensure_shapes(root="data/raw/shapes", n_train=16000, n_val=400, seed=0, n_test=None, grid=4):
     """Make sure root holds the shapes set with these parameters; (re)generate it
     if it is missing or was made with others. Returns root."""
     params = {"version": VERSION, "n_train": n_train, "n_val": n_val,
@@ -265,7 +265,7 @@ def ensure_shapes(root="data/raw/shapes", n_train=4000, n_val=400, seed=0, n_tes
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (ScienceQA layout)")
-    parser.add_argument("--n_train", type=int, default=4000, help="training problems (default %(default)s)")
+    parser.add_argument("--n_train", type=int, default=16000, help="training problems (default %(default)s)")
     parser.add_argument("--n_val", type=int, default=400, help="validation problems, and test (default %(default)s)")
     parser.add_argument("--n_test", type=int, default=None, help="test problems (default: same as --n_val)")
     parser.add_argument("--seed", type=int, default=0)
