@@ -23,13 +23,13 @@ import model as vlm
 from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
 from data.scienceqa import ANSWER_PREFIX, build_prompt
 from data.tokenizer import EOT, get_encoding
+from train import Help
 from vit import preprocess
 from weights import CheckpointError
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
     a("--image", required=True, help="the image file (any format Pillow reads)")
     a("--question", default=None, help="a multiple-choice question (with --options)")
@@ -38,7 +38,7 @@ def get_args(argv=None):
     a("--prompt", default="A picture of", help="without --question: the text to continue")
     a("--checkpoint", default="out/best.pt", help="written by train.py")
     a("--answer", default=None, choices=["letter", "text"],
-      help="options scored as ' A' or as ' red'; None: as the checkpoint was trained")
+      help="options scored as ' A' or as ' red' (default: as the checkpoint was trained)")
     a("--max_new_tokens", type=int, default=30, help="generation length (stops early at end of text)")
     a("--temperature", type=float, default=0.0, help="0 = greedy")
     a("--top_k", type=int, default=None, help="sample among the k likeliest tokens only (temperature > 0)")

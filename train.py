@@ -36,9 +36,11 @@ from weights import CheckpointError
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where the help text already says what None means."""
+    """--help with the defaults, but no "(default: None)" (sample.py uses it too)."""
     def _get_help_string(self, action):
-        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def get_args(argv=None):
