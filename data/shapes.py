@@ -45,6 +45,7 @@ from tqdm import tqdm
 from data.batch import DataError
 
 VERSION = 2  # bump when the generator changes, so ensure_shapes regenerates old copies
+N_TRAIN, N_VAL = 16000, 400  # default sizes (train.py uses them too); test has N_VAL problems
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
            "yellow": (240, 210, 40), "purple": (150, 60, 190), "orange": (245, 140, 30)}
@@ -167,7 +168,7 @@ def caption(scene):
 
 # ----------------------------------------------------------------------------- the dataset
 
-def generate(out, n_train=16000, n_val=400, n_test=None, seed=0, grid=4, progress=True):
+def generate(out, n_train=N_TRAIN, n_val=N_VAL, n_test=None, seed=0, grid=4, progress=True):
     """Write the dataset into the folder out (which must not exist yet)."""
     n_test = n_val if n_test is None else n_test
     rng = random.Random(seed)
@@ -238,7 +239,7 @@ def _caption_entry(imgid, pid, split, scene):
                           for r, s in zip(refs, sentids)]}
 
 
-def ensure_shapes(root="data/raw/shapes", n_train=16000, n_val=400, seed=0, n_test=None, grid=4):
+def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, n_test=None, grid=4):
     """Make sure root holds the shapes set with these parameters; (re)generate it
     if it is missing or was made with others. Returns root."""
     params = {"version": VERSION, "n_train": n_train, "n_val": n_val,
@@ -265,8 +266,8 @@ def ensure_shapes(root="data/raw/shapes", n_train=16000, n_val=400, seed=0, n_te
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (ScienceQA layout)")
-    parser.add_argument("--n_train", type=int, default=16000, help="training problems (default %(default)s)")
-    parser.add_argument("--n_val", type=int, default=400, help="validation problems, and test (default %(default)s)")
+    parser.add_argument("--n_train", type=int, default=N_TRAIN, help="training problems (default %(default)s)")
+    parser.add_argument("--n_val", type=int, default=N_VAL, help="validation problems, and test (default %(default)s)")
     parser.add_argument("--n_test", type=int, default=None, help="test problems (default: same as --n_val)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=int, default=4, help="objects sit in a grid x grid layout (default %(default)s)")

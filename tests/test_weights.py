@@ -137,7 +137,7 @@ def test_missing_path_and_empty_dir(cls, tmp_path):
 
 @pytest.mark.parametrize("file, message", [
     ("model.safetensors", "is not a safetensors file (bad or truncated JSON header)"),
-    ("pytorch_model.bin", "is not a readable PyTorch checkpoint ("),
+    ("pytorch_model.bin", "is not a readable PyTorch checkpoint (UnpicklingError: "),
     ("config.json", "is not valid JSON ("),
 ])
 def test_corrupt_files(hf_gpt2, hf_clip, tmp_path, file, message):
