@@ -47,6 +47,10 @@ def _image_error(entry, root, ann):
     if not isinstance(entry, dict) or not all(k in entry for k in ("filename", "split", "sentences")):
         return "malformed entry", f"an entry of {ann} lacks filename/split/sentences: {str(entry)[:200]}"
     name = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+    filename, filepath = entry["filename"], entry.get("filepath", "")  # filepath is optional
+    if not isinstance(filename, str) or not filename or not isinstance(filepath, str):
+        return "malformed entry", (f"image {name} in {ann}: 'filename' and 'filepath' must be text, "
+                                   f"got {filename!r:.60} and {filepath!r:.60}")
     if not _captions(entry):
         return "no captions", f"image {name} in {ann} has no non-empty caption"
     path = os.path.join(root, entry.get("filepath", ""), entry["filename"])
