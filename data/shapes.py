@@ -241,8 +241,7 @@ def _caption_entry(imgid, pid, split, scene):
 
 
 # what generate() writes, plus params.json: a folder holding anything else is never replaced
-GENERATED = re.compile(r"(problems|pid_splits|dataset_coco|params)\.json"
-                       r"|images(/(train|val|test)(/\d+(/image\.png)?)?)?")
+GENERATED = re.compile(r"(problems|pid_splits|dataset_coco|params)\.json|images/(train|val|test)/\d+/image\.png")
 
 
 def _check(root, params):
@@ -271,11 +270,11 @@ def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, 
         if not isinstance(old, dict):
             raise DataError(f"{params_file} is not a JSON object; delete {root} to make the shapes set again")
         found = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
-                 for d, dirs, files in os.walk(root) for f in dirs + files]
+                 for d, _, files in os.walk(root) for f in files]
         foreign = [f for f in found if not GENERATED.fullmatch(f)]
         if foreign:
-            raise DataError(f"{root} holds a shapes set made with other parameters, and {len(foreign)} files the "
-                            f"generator did not write (e.g. {foreign[0]}); move them away to let it be replaced")
+            raise DataError(f"{root} holds a shapes set made with other parameters, and files the generator did "
+                            f"not write ({len(foreign)}, e.g. {foreign[0]}); move them away to let it be replaced")
         changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items() if old.get(k) != v)
         print(f"shapes: {root} was made with other parameters ({changed}); replacing it", file=sys.stderr)
     elif os.path.isdir(root) and os.listdir(root):
