@@ -3,6 +3,7 @@
     python sample.py --image x.jpg --question "What colour is the circle?" --options "red,blue,green"
     python sample.py --image x.jpg --prompt "A picture of" --temperature 0.8 --top_k 40
     python sample.py --image x.jpg --question ... --options ... --show_fusion fusion.png
+    python sample.py --mix_by_type out/mix          # shapes: the mean mix per question type, one PNG each
 
 A question goes into the prompt training used (data/scienceqa.py's QCM) and its
 options are scored by their likelihood after " The answer is", through the same
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import model as vlm
 from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
-from data.scienceqa import ANSWER_PREFIX, build_prompt
+from data.scienceqa import ANSWER_PREFIX, build_prompt, load_scienceqa
 from data.tokenizer import EOT, get_encoding
 from train import Help
 from vit import preprocess
@@ -52,7 +53,7 @@ def device(text):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
-    a("--image", required=True, help="the image file (any format Pillow reads)")
+    a("--image", default=None, help="the image file (any format Pillow reads)")
     a("--question", default=None, help="a multiple-choice question (with --options)")
     a("--options", default=None, help="its options, comma-separated, 2 to 26: 'red,blue,green'")
     a("--context", default=None, help="the question's hint (the prompt's 'Context:'; N/A if none)")
@@ -70,8 +71,12 @@ def get_args(argv=None):
     a("--seed", type=number(int, lambda n: 0 <= n < 2 ** 63, "must be from 0 to 2**63 - 1"), default=1337,
       help="for sampling")
     a("--show_fusion", default=None, metavar="PNG", help="save the fuser's ViT-layer mix as a heat map")
+    a("--mix_by_type", default=None, metavar="PREFIX", help="instead of one image: the mean mix over ViT "
+      "layers per shapes question type on 40 validation questions each, saved as PREFIX-<type>.png")
     a("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    if (args.image is None) == (args.mix_by_type is None):
+        p.error("give --image (one image) or --mix_by_type (shapes validation questions)")
     if (args.question is None) != (args.options is None):
         p.error("--question and --options go together")
     if args.question is not None and not args.question.strip():
@@ -84,13 +89,16 @@ def get_args(argv=None):
             p.error(f"--options needs 2 to 26 non-empty options separated by commas, got {len(args.options)}")
         if len(set(args.options)) < len(args.options):
             p.error(f"--options: each option must differ, got {', '.join(args.options)}")
-    out = args.show_fusion
-    if out is not None:  # an output: never a folder, never one of the inputs
+    mix_file = args.mix_by_type and f"{args.mix_by_type}-colour.png"  # (its four files share a folder)
+    outputs = {"--show_fusion": args.show_fusion, "--mix_by_type": mix_file}
+    for flag, out in outputs.items():  # never a folder, never one of the inputs
+        if out is None:
+            continue
         if not out or os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            p.error(f"--show_fusion {out!r}: name a PNG file in a folder that exists")
-        inputs = [f for f in (args.image, args.checkpoint) if os.path.exists(f)]
+            p.error(f"{flag} {out!r}: name a PNG file in a folder that exists")
+        inputs = [f for f in (args.image, args.checkpoint) if f and os.path.exists(f)]
         if os.path.exists(out) and any(os.path.samefile(f, out) for f in inputs):
-            p.error(f"--show_fusion {out} is an input (--image or --checkpoint); name a new file")
+            p.error(f"{flag} {out} is an input (--image or --checkpoint); name a new file")
     return args
 
 
@@ -155,11 +163,33 @@ def save_fusion(selection, vit_layers, path, title):
             os.remove(tmp)
 
 
+def mix_by_type(model, trained, args, enc, per_type=40):
+    """The fuser's mix averaged over validation questions of each shapes type: does the decoder
+    read other ViT layers for colour than for counting? One heat map per type, and a line each."""
+    if trained.get("dataset") != "shapes" or not hasattr(model, "fuser"):
+        raise CheckpointError(f"--mix_by_type needs a checkpoint trained on shapes in a mode with a fuser; "
+                              f"{args.checkpoint} is not one")
+    questions = [ex for ex in load_scienceqa(trained["data_dir"], "val", trained["answer"]) if ex.image]
+    transform = lambda img: preprocess(img, model.vit.config.image_size)
+    for qtype in ("colour", "shape", "count", "position"):
+        chosen = [ex for ex in questions if ex.meta["qtype"] == qtype][:per_type]
+        if not chosen:
+            continue
+        score_choices(model, to_device(choice_batch(chosen, enc, transform, model.block_size), args.device))
+        mix = model.fuser.selection.float().mean(0).cpu()  # (L, K): decoder layer x ViT layer
+        path = f"{args.mix_by_type}-{qtype}.png"
+        save_fusion(mix, model.fuser.layers, path, (f"{model.mode}: mean mix over {len(chosen)} '{qtype}' questions",
+                                                    trained["data_dir"]))
+        top = [f"h{model.fuser.layers[k]}" for k in mix.argmax(1).tolist()]
+        print(f"{qtype:>8}: heaviest ViT layer per decoder layer {' '.join(top)}; "
+              f"mean weights per ViT layer {' '.join(f'{w:.2f}' for w in mix.mean(0).tolist())} -> {path}")
+
+
 def main(argv=None):
     args = get_args(argv)
-    if not os.path.isfile(args.image):  # (a folder or a pipe would not do either)
+    if args.image is not None and not os.path.isfile(args.image):  # (a folder or a pipe would not do either)
         raise DataError(f"no image file at {args.image}" + (" (it is a folder)" if os.path.isdir(args.image) else ""))
-    image = load_image(args.image, "--image")  # a bad image fails here, before the model loads
+    image = args.image and load_image(args.image, "--image")  # a bad image fails here, before the model loads
     ckpt = vlm.load_checkpoint(args.checkpoint)
     trained = ckpt.get("train_args") or {}
     model = vlm.from_checkpoint(ckpt)
@@ -168,6 +198,9 @@ def main(argv=None):
         raise CheckpointError(f"{args.checkpoint} holds NaN or infinite weights ({bad[0]}, {len(bad)} tensors in all): "
                               f"the run that saved it diverged; use an earlier checkpoint")
     model = model.to(args.device).eval()
+    if args.mix_by_type:
+        with torch.no_grad():
+            return mix_by_type(model, trained, args, get_encoding())
     if args.show_fusion and not hasattr(model, "fuser"):
         sys.exit(f"error: --show_fusion needs a mode with a fuser (dehvf, static, memvp); "
                  f"{args.checkpoint} is mode '{model.mode}'")
@@ -179,7 +212,7 @@ def main(argv=None):
         if args.question is not None:
             answer_question(model, args, args.answer or trained.get("answer", "letter"), enc)
         else:
-            if trained.get("dataset") in ("shapes", "scienceqa"):
+            if trained.get("dataset") == "scienceqa":  # shapes trains captions too
                 print(f"note: this checkpoint was trained to answer {trained['dataset']} questions; ask one with "
                       f"--question \"...\" --options \"a,b,c\"", file=sys.stderr)
             continue_prompt(model, image, args, enc)
