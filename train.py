@@ -63,13 +63,13 @@ def get_args(argv=None):
     a("--rank", type=int, default=128, help="fuser projector rank")
     a("--batch_size", type=int, default=32, help="per process, per micro-step")
     a("--grad_accum", type=int, default=1, help="micro-steps per optimiser step")
-    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3, 6e-3 for shapes)")
     a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 10 x lr for shapes)")
     a("--min_lr", type=float, default=None, help="end of the cosine (default: lr / 10)")
     a("--warmup", type=int, default=50, help="warm-up steps")
     a("--weight_decay", type=float, default=0.01, help="AdamW, on matrices only")
     a("--grad_clip", type=float, default=1.0, help="0 = off")
-    a("--epochs", type=float, default=4.0, help="length of the run, unless --max_steps")
+    a("--epochs", type=float, default=None, help="length of the run, unless --max_steps (default: 4, 2.5 for shapes)")
     a("--max_steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     a("--eval_interval", type=int, default=250, help="steps between evaluations and checkpoints")
     a("--eval_samples", type=int, default=None, help="validation examples per evaluation (default: all)")
@@ -87,7 +87,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     tiny_shapes = args.dataset == "shapes"
     args.answer = args.answer or ("text" if tiny_shapes else "letter")
+    args.lr = (6e-3 if tiny_shapes else 3e-3) if args.lr is None else args.lr
     args.gate_lr = (10 * args.lr if tiny_shapes else args.lr) if args.gate_lr is None else args.gate_lr
+    args.epochs = (2.5 if tiny_shapes else 4.0) if args.epochs is None else args.epochs
     args.pool = args.pool if args.pool is not None else (1 if args.vit in vlm.OFFLINE else 2)
     args.data_dir = args.data_dir or f"data/raw/{args.dataset}"
     for name in ("batch_size", "grad_accum", "eval_interval", "rank", "pool", "n_train", "n_val"):
