@@ -177,10 +177,16 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     """CLIP preprocessing: a PIL image -> (3, size, size) normalised float tensor."""
     image = to_rgb(image)
     w, h = image.size
-    # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does)
+    # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does), then the centre square
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255.0  # (size, size, 3)
+    if max(new_w, new_h) <= 2 * size:  # as CLIP does it: resize all, then crop
+        image = image.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    else:  # a long strip (1 x 300000 would need 224 x 67M): resize only the source box that becomes
+        # the square; the filter still reads the pixels around it, so the same picture within rounding
+        sx, sy = w / new_w, h / new_h  # source pixels per resized pixel
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        image = image.resize((size, size), Image.BICUBIC, box=box)
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
     x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
