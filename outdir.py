@@ -1,0 +1,120 @@
+"""What train.py keeps in out_dir, and how: one run per folder, nothing ever half-written.
+
+An out_dir belongs to one run. `claim` locks it for the run's life (a second run
+into it stops at once), refuses a folder holding another run's files unless
+--resume or --overwrite says what to do with them, and removes the temporary
+files of writers that were killed mid-save. Every file is written to
+`<name>.tmp<pid>` and renamed (`atomic_write`), so a reader, or a run resumed
+after a crash, sees the old file or the new one. `save` also turns torch's
+"[enforce fail at inline_container.cc]" on a full disk back into the OSError it is.
+"""
+import fcntl
+import json
+import os
+import re
+
+import torch
+
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")
+
+
+class RunError(Exception):
+    """A run that cannot start or go on; the message says what to do."""
+
+
+def claim(out_dir, resume, overwrite):
+    """Lock out_dir for as long as the returned file stays open, and make it ready for this run."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the process dies, even on kill -9
+    except BlockingIOError:
+        lock.seek(0)
+        raise RunError(f"another run (pid {lock.read().strip() or '?'}) is writing to {out_dir}: "
+                       f"wait for it to finish, or choose another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(out_dir):  # what writers killed mid-save left behind
+        m = re.fullmatch(r".+\.tmp(\d+)(\.npy)?", name)
+        if m and not alive(int(m.group(1))):
+            os.remove(os.path.join(out_dir, name))
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found and not (resume or overwrite):
+        raise RunError(f"{out_dir} holds another run ({', '.join(found)}): continue it with --resume, "
+                       f"replace it with --overwrite, or choose another --out_dir")
+    for f in found if overwrite else []:
+        os.remove(os.path.join(out_dir, f))
+    return lock
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def atomic_write(path, write):
+    """write(f) into path.tmp<pid>, then rename it to path; on any failure no temporary file is left."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _Writes:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports it only as
+    "[enforce fail at inline_container.cc] unexpected pos", which says nothing about space."""
+
+    def __init__(self, f):
+        self.f, self.flush, self.error = f, f.flush, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save(obj, path):
+    """torch.save, atomically; a full disk or a size limit is an OSError naming path."""
+    def write(f):
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, path) from None
+    atomic_write(path, write)
+
+
+def trim_log(path, step):
+    """Keep log.jsonl's entries from before step (resume) or none (a new run). The file is parsed
+    first and replaced atomically; a half last line (a kill mid-write) is dropped, anything else
+    that is not a log entry is an error that names its line."""
+    kept = []
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            *lines, _half = f.read().split(b"\n")  # _half: after the last newline, b"" unless cut short
+        for i, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                ok = isinstance(entry, dict) and type(entry.get("step")) is int
+            except ValueError:
+                ok = False
+            if not ok:
+                raise RunError(f"{path} line {i} is not a log entry ({line[:40]!r}): remove that line "
+                               f"and --resume again")
+            if entry["step"] < step:
+                kept.append(line + b"\n")
+    atomic_write(path, lambda f: f.writelines(kept))
