@@ -5,8 +5,8 @@ into it stops at once), refuses a folder holding another run's files unless
 --resume or --overwrite says what to do with them, and removes the temporary
 files of writers that were killed mid-save. Every file is written to
 `<name>.tmp<pid>` and renamed (`atomic_write`), so a reader, or a run resumed
-after a crash, sees the old file or the new one. `save` also turns torch's
-"[enforce fail at inline_container.cc]" on a full disk back into the OSError it is.
+after a crash, sees the old file or the new one; a write that fails (no space, a size
+limit) is reported as the OSError it is, with the file's path.
 """
 import fcntl
 import json
@@ -59,20 +59,27 @@ def alive(pid):
 
 
 def atomic_write(path, write):
-    """write(f) into path.tmp<pid>, then rename it to path; on any failure no temporary file is left."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(f) into path.tmp<pid>, then rename it to path. On any failure no temporary file is
+    left, and a failed write (no space, a size limit) is an OSError naming path, even where torch
+    or numpy report it otherwise ("[enforce fail at inline_container.cc]", "n requested and m written")."""
+    tmp, out = f"{path}.tmp{os.getpid()}", None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            out = _Writes(f)
+            write(out)
         os.replace(tmp, path)
+    except Exception as e:
+        error = out.error if out and out.error else e
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, error.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 class _Writes:
-    """A file for torch.save that keeps the OSError of a failed write: torch reports it only as
-    "[enforce fail at inline_container.cc] unexpected pos", which says nothing about space."""
+    """A file that keeps the OSError of a failed write, which torch and numpy replace by their own words."""
 
     def __init__(self, f):
         self.f, self.flush, self.error = f, f.flush, None
@@ -86,22 +93,14 @@ class _Writes:
 
 
 def save(obj, path):
-    """torch.save, atomically; a full disk or a size limit is an OSError naming path."""
-    def write(f):
-        out = _Writes(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise OSError(out.error.errno, out.error.strerror, path) from None
-    atomic_write(path, write)
+    """torch.save, atomically (a crash never leaves half a checkpoint)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def trim_log(path, step):
-    """Keep log.jsonl's entries from before step (resume) or none (a new run). The file is parsed
-    first and replaced atomically; a half last line (a kill mid-write) is dropped, anything else
-    that is not a log entry is an error that names its line."""
+def read_log(path, step):
+    """The lines of log.jsonl from before step: what a resumed run keeps (train.py writes them back
+    atomically with its first entry). A half last line (a kill mid-write) is dropped; anything else
+    that is not a log entry is an error naming its line, and the file stays as it is."""
     kept = []
     if os.path.exists(path):
         with open(path, "rb") as f:
@@ -117,4 +116,4 @@ def trim_log(path, step):
                                f"and --resume again")
             if entry["step"] < step:
                 kept.append(line + b"\n")
-    atomic_write(path, lambda f: f.writelines(kept))
+    return kept

@@ -32,7 +32,7 @@ from data.metrics import caption_scores
 from data.tokenizer import EOT, get_encoding
 from features import FeatureCache
 from fuser import FuserConfig
-from outdir import RunError, claim, save, trim_log
+from outdir import RunError, atomic_write, claim, read_log, save
 from vit import preprocess
 from weights import CheckpointError
 
@@ -285,9 +285,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     enc = get_encoding()
     train_set, val_set = load_data(args)
+    global_batch = args.batch_size * args.grad_accum * world
     if not train_set or not val_set:
         raise DataError(f"{args.data_dir} has no {'training' if not train_set else 'validation'} examples: "
                         f"check --data_dir")
+    if global_batch > len(train_set):
+        raise RunError(f"a global batch of {global_batch} (--batch_size x --grad_accum x processes) is more than the "
+                       f"{len(train_set)} training examples: lower --batch_size")
     val_set = val_set[:args.eval_samples] if args.eval_samples else val_set
     model = vlm.from_checkpoint(ckpt) if ckpt else build_model(args)
     model.to(args.device)
@@ -307,13 +311,9 @@ def main(argv=None):
         batch["features"] = cache(batch["image_paths"], args.device) if cache else None
         return to_device(batch, args.device)
 
-    global_batch = args.batch_size * args.grad_accum * world
     max_steps = args.max_steps or math.ceil(args.epochs * len(train_set) / global_batch)
     optimizer = make_optimizer(model, args) if params else None
     start, best = 0, -1.0
-    if global_batch > len(train_set):
-        raise RunError(f"a global batch of {global_batch} (--batch_size x --grad_accum x processes) is more than the "
-                       f"{len(train_set)} training examples: lower --batch_size")
     if ckpt:
         start, best = ckpt["step"], ckpt["best"]
         if start > max_steps:
@@ -327,11 +327,14 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"].cpu())
     train_model = DDP(model, device_ids=[torch.cuda.current_device()] if on_cuda else None) if ddp and params else model
     train_model = torch.compile(train_model) if args.compile else train_model
-    if master:
-        trim_log(log_path, start)  # on resume, drop what was logged after the checkpoint
+    kept = read_log(log_path, start) if master else None  # parsed now, written back with the first new entry
 
     def log(entry):
+        nonlocal kept
         if master:
+            if kept is not None:  # on resume, drop what was logged after the checkpoint
+                atomic_write(log_path, lambda f: f.write(b"".join(kept)))
+                kept = None
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
