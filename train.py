@@ -279,8 +279,8 @@ def main(argv=None):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and on_cuda)
     autocast = torch.autocast("cuda" if on_cuda else "cpu", torch.bfloat16) if bf16 else nullcontext()
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    lock = claim(args.out_dir, args.resume, args.overwrite) if master else None  # noqa: F841 (held until exit)
     ckpt = load_resume(ckpt_path, args) if args.resume else None
+    lock = claim(args.out_dir, args.resume, args.overwrite) if master else None  # noqa: F841 (held until exit)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     enc = get_encoding()
