@@ -36,8 +36,8 @@ def claim(out_dir, resume, overwrite):
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     for name in os.listdir(out_dir):  # what writers killed mid-save left behind
-        m = re.fullmatch(r".+\.tmp(\d+)(\.npy)?", name)
-        if m and not alive(int(m.group(1))):
+        m = re.fullmatch(r"(ckpt\.pt|best\.pt|log\.jsonl|features-\w+\.npy)\.tmp(\d+)(\.npy)?", name)
+        if m and not alive(int(m.group(2))):
             os.remove(os.path.join(out_dir, name))
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
     if found and not (resume or overwrite):
@@ -51,7 +51,7 @@ def claim(out_dir, resume, overwrite):
 def alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except PermissionError:  # another user's process
         pass
