@@ -1,6 +1,6 @@
 """Train the fuser: one plain loop, in nanoGPT's order.
 
-    python train.py                                  # offline: shapes, tiny random backbones
+    python train.py                                  # offline: shapes, tiny backbones pretrained here
     python train.py --dataset scienceqa --llm gpt2 --vit openai/clip-vit-base-patch16
     torchrun --nproc_per_node=4 train.py ...         # DistributedDataParallel, same losses
 
@@ -52,25 +52,26 @@ def get_args(argv=None):
     a("--data_dir", default=None, help="default: data/raw/<dataset>")
     a("--answer", default=None, choices=["letter", "text"],
       help="QA target: ' The answer is A.' or ' The answer is red.' (default: letter, text for shapes)")
-    a("--loss", default=None, choices=["lm", "choices"],
-      help="lm: next-token loss on the target; choices: cross-entropy over the options' "
-           "likelihoods (default: lm, choices for shapes)")
+    a("--loss", default="lm", choices=["lm", "choices"],
+      help="lm: next-token loss on the target; choices: cross-entropy over the options' likelihoods")
     a("--mode", default="dehvf", choices=vlm.MODES, help="how the image reaches the decoder (model.py)")
-    a("--llm", default="tiny", help="gpt2, gpt2-medium, ..., a local checkpoint, or tiny (small, random)")
-    a("--vit", default="tiny", help="openai/clip-vit-base-patch16, ..., a local checkpoint, or tiny")
+    a("--llm", default="tiny", help="gpt2, gpt2-medium, ..., a local checkpoint, tiny (small, pretrained "
+                                    "offline on shapes text: pretrain.py, cached) or tiny-random (untrained)")
+    a("--vit", default="tiny", help="openai/clip-vit-base-patch16, ..., a local checkpoint, tiny (pretrained "
+                                    "offline on shapes images) or tiny-random")
     a("--freeze", default="all", choices=vlm.FREEZE, help="which backbones stay frozen")
     a("--vit_layers", default=None, help="comma-separated ViT layers for the fuser (default: all)")
-    a("--pool", type=int, default=None, help="fuser pooling (default: 2, 1 for tiny)")
+    a("--pool", type=int, default=None, help="fuser pooling (default: 2, 1 for the tiny ones)")
     a("--rank", type=int, default=128, help="fuser projector rank")
     a("--batch_size", type=int, default=32, help="per process, per micro-step")
     a("--grad_accum", type=int, default=1, help="micro-steps per optimiser step")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3, 1e-2 for shapes)")
-    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 0.1 for shapes)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3, 6e-3 for shapes)")
+    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 10 x lr for shapes)")
     a("--min_lr", type=float, default=None, help="end of the cosine (default: lr / 10)")
     a("--warmup", type=int, default=50, help="warm-up steps")
     a("--weight_decay", type=float, default=0.01, help="AdamW, on matrices only")
     a("--grad_clip", type=float, default=1.0, help="0 = off")
-    a("--epochs", type=float, default=4.0, help="length of the run, unless --max_steps")
+    a("--epochs", type=float, default=None, help="length of the run, unless --max_steps (default: 4, 2.5 for shapes)")
     a("--max_steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     a("--eval_interval", type=int, default=250, help="steps between evaluations and checkpoints")
     a("--eval_samples", type=int, default=None, help="validation examples per evaluation (default: all)")
@@ -89,10 +90,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     tiny_shapes = args.dataset == "shapes"
     args.answer = args.answer or ("text" if tiny_shapes else "letter")
-    args.loss = args.loss or ("choices" if tiny_shapes else "lm")
-    args.lr = (1e-2 if tiny_shapes else 3e-3) if args.lr is None else args.lr
-    args.gate_lr = (0.1 if tiny_shapes else args.lr) if args.gate_lr is None else args.gate_lr
-    args.pool = (1 if args.vit == "tiny" else 2) if args.pool is None else args.pool
+    args.lr = (6e-3 if tiny_shapes else 3e-3) if args.lr is None else args.lr
+    args.gate_lr = (10 * args.lr if tiny_shapes else args.lr) if args.gate_lr is None else args.gate_lr
+    args.epochs = (2.5 if tiny_shapes else 4.0) if args.epochs is None else args.epochs
+    args.pool = args.pool if args.pool is not None else (1 if args.vit in vlm.OFFLINE else 2)
     args.data_dir = args.data_dir or f"data/raw/{args.dataset}"
     check_args(p, args)
     args.cache_features = args.cache_features or ("memory" if tiny_shapes and args.freeze in ("all", "vit") else "off")
@@ -137,8 +138,10 @@ def check_args(p, args):
 def load_data(args):
     if args.dataset == "coco":
         return coco.load_coco(args.data_dir, "train"), coco.load_coco(args.data_dir, "val")
-    if args.dataset == "shapes":
+    if args.dataset == "shapes":  # questions and captions together
         shapes.ensure_shapes(args.data_dir, args.n_train, args.n_val)
+        return tuple(scienceqa.load_scienceqa(args.data_dir, split, args.answer)
+                     + shapes.caption_examples(args.data_dir, split) for split in ("train", "val"))
     return (scienceqa.load_scienceqa(args.data_dir, "train", args.answer),
             scienceqa.load_scienceqa(args.data_dir, "val", args.answer))
 
@@ -147,7 +150,7 @@ def build_model(args):
     try:
         vit, gpt = vlm.build_backbones(args.llm, args.vit)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}; or train offline on small random backbones: --llm tiny --vit tiny") from None
+        raise CheckpointError(f"{e}; or train offline on small backbones pretrained here: --llm tiny --vit tiny") from None
     layers = tuple(int(k) for k in args.vit_layers.split(",")) if args.vit_layers else None
     n, grid = vit.config.layers, vit.config.grid
     if layers and (len(set(layers)) < len(layers) or not all(1 <= k <= n for k in layers)):
@@ -178,14 +181,15 @@ def predict(model, examples, args, batch_of, rank=0, world=1):
     mine, out = examples[rank::world], {}
     for i in tqdm(range(0, len(mine), args.batch_size), desc="eval", leave=False, disable=rank != 0):
         chunk = mine[i:i + args.batch_size]
-        if args.dataset == "coco":
-            batch = batch_of(chunk, collate)
+        captions, chunk = [ex for ex in chunk if ex.choices is None], [ex for ex in chunk if ex.choices]
+        if captions:
+            batch = batch_of(captions, collate)
             prompt = batch["idx"][:, :int(batch["prompt_mask"][0].sum())]  # every prompt is "A picture of"
             tokens = model.generate(batch["images"], prompt, 24, has_image=batch["has_image"],
                                     features=batch["features"])
-            for ex, row in zip(chunk, tokens[:, prompt.size(1):].tolist()):
+            for ex, row in zip(captions, tokens[:, prompt.size(1):].tolist()):
                 out[ex.id] = get_encoding().decode(row[:row.index(EOT)] if EOT in row else row).strip()
-        else:
+        if chunk:
             for ex, s in zip(chunk, score_choices(model, batch_of(chunk, choice_batch))):
                 out[ex.id] = int(s.argmax())
     if world > 1:
@@ -197,16 +201,21 @@ def predict(model, examples, args, batch_of, rank=0, world=1):
 
 
 def evaluate(model, examples, args, batch_of, rank=0, world=1):
-    """QA: accuracy by ScienceQA's categories (+ per question type on shapes);
-    captions: BLEU-4 and CIDEr-D of greedy captions."""
+    """QA: accuracy by ScienceQA's categories; captions: BLEU-4 and CIDEr-D of greedy captions.
+    Shapes has both, and adds accuracy per question type and how often a caption names an object right."""
     out = predict(model, examples, args, batch_of, rank, world)
     if args.dataset == "coco":
         scores = caption_scores(coco.references(examples), out)
         return {"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"], "metric": scores["CIDEr"]}
-    scores = scienceqa.score(examples, out)
-    for q in sorted({ex.meta.get("qtype") for ex in examples} - {None}):
-        of_type = [ex for ex in examples if ex.meta.get("qtype") == q]
-        scores[q] = 100.0 * sum(out.get(ex.id) == ex.answer for ex in of_type) / len(of_type)
+    questions = [ex for ex in examples if ex.choices]
+    scores = scienceqa.score(questions, out)
+    if args.dataset == "shapes":
+        scores.update(shapes.type_scores(questions, out))
+        scene = {ex.id: ex.meta["scene"] for ex in questions if ex.meta["scene"]}
+        captions = [ex for ex in examples if ex.choices is None]
+        if captions:
+            named = [shapes.names_an_object(out[ex.id], scene[ex.meta["pid"]]) for ex in captions]
+            scores["caption"] = 100.0 * sum(named) / len(named)
     return {**scores, "metric": scores["Avg"]}
 
 

@@ -119,7 +119,8 @@ def _example(pid, p, root, split, answer):
         choices=[f" {c}" for c in shown],
         answer=p["answer"],
         meta={"subject": p.get("subject", ""), "grade": p.get("grade", ""), "hint": hint,
-              "has_image": has_image, "qtype": p.get("qtype"), "split": p.get("split", split)},
+              "has_image": has_image, "qtype": p.get("qtype"), "split": p.get("split", split),
+              "scene": p.get("scene")},  # qtype and scene: shapes' own fields
     )
 
 

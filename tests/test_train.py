@@ -22,6 +22,7 @@ def shapes_dir(tmp_path_factory):
 
 def base_args(shapes_dir, out_dir, *extra):
     return ["--data_dir", shapes_dir, "--n_train", "48", "--n_val", "12", "--out_dir", str(out_dir),
+            "--llm", "tiny-random", "--vit", "tiny-random",
             "--batch_size", "4", "--eval_interval", "3", "--warmup", "2", "--seed", "7", *extra]
 
 

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def args(shapes_dir, out_dir, *extra):
     return ["--data_dir", shapes_dir, "--n_train", "40", "--n_val", "10", "--out_dir", str(out_dir),
-            "--batch_size", "4", "--eval_interval", "2", "--warmup", "2", "--max_steps", "4", "--seed", "3", *extra]
+            "--llm", "tiny-random", "--vit", "tiny-random", "--batch_size", "4", "--eval_interval", "2", "--warmup", "2", "--max_steps", "4", "--seed", "3", *extra]
 
 
 @pytest.fixture(scope="module")
