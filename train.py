@@ -156,8 +156,8 @@ def build_model(args):
     if layers and (len(set(layers)) < len(layers) or not all(1 <= k <= n for k in layers)):
         raise RunError(f"--vit_layers must be distinct layers in 1..{n} (--vit {args.vit} has {n}), "
                        f"not {args.vit_layers}")
-    if grid % args.pool:
-        raise RunError(f"--pool must divide the {grid}x{grid} patch grid of --vit {args.vit}, not {args.pool}")
+    if args.pool > grid:
+        raise RunError(f"--pool must be at most the {grid}x{grid} patch grid of --vit {args.vit}, not {args.pool}")
     fuser = FuserConfig(vit_layers=layers, pool=args.pool, rank=args.rank)
     return vlm.VLM(vit, gpt, args.mode, fuser, args.freeze)
 
