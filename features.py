@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data.batch import load_image
+from outdir import atomic_write
 
 FORMAT = 2  # 2: prefix's tokens are the patches only (no class token); pooling may overhang the grid
 
@@ -57,10 +58,8 @@ class FeatureCache:
                 images = torch.stack([transform(load_image(p, p)) for p in self.paths[i:i + batch_size]])
                 parts.append(model.features(images.to(device)).float().cpu().numpy())
         self.store = np.concatenate(parts)  # (n_images, ...)
-        if file:
-            tmp = f"{file}.tmp{os.getpid()}.npy"
-            np.save(tmp, self.store.astype(np.float16))
-            os.replace(tmp, file)  # complete or absent, never half-written
+        if file:  # complete or absent, never half-written (a full disk is an OSError naming the file)
+            atomic_write(file, lambda f: np.save(f, self.store.astype(np.float16)))
             self.store = np.load(file, mmap_mode="r")
 
     def __call__(self, paths, device):

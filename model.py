@@ -25,7 +25,7 @@ import pretrain
 from fuser import FuserConfig, HierarchicalFuser
 from llm import GPT, GPTConfig
 from vit import ViT, ViTConfig
-from weights import CheckpointError
+from weights import CheckpointError, torch_load
 
 MODES = ("dehvf", "static", "memvp", "prefix", "none")
 FREEZE = ("all", "vit", "llm", "none")  # which backbones stay frozen: both, one, or neither
@@ -167,10 +167,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or "nanodehvf" not in ckpt:
         raise CheckpointError(f"{path} is not a nanoDEHVF checkpoint (was it written by train.py?)")
     return ckpt
@@ -179,8 +176,14 @@ def load_checkpoint(path) -> dict:
 def from_checkpoint(ckpt) -> VLM:
     """Rebuild a VLM from checkpoint_state's dict, or from a path to a saved one."""
     ckpt = load_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
+    args, state = ckpt.get("args"), ckpt.get("model")
+    if not (isinstance(args, dict) and isinstance(state, dict) and args.get("mode") in MODES
+            and args.get("freeze") in FREEZE and all(isinstance(args.get(k), str) for k in ("llm", "vit"))
+            and all(isinstance(args.get(k), dict) for k in ("fuser", "gpt_config", "vit_config"))
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError("checkpoint is damaged or from another version: its model arguments or weights "
+                              "are missing or malformed")
     try:
-        args, state = ckpt["args"], ckpt["model"]
         has = lambda prefix: any(k.startswith(prefix) for k in state)
         gpt = GPT(GPTConfig(**args["gpt_config"])) if has("gpt.") else GPT.from_pretrained(args["llm"])
         vision = ViT(ViTConfig(**args["vit_config"])) if has("vit.") else ViT.from_pretrained(args["vit"])

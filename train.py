@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ from data.metrics import caption_scores
 from data.tokenizer import EOT, get_encoding
 from features import FeatureCache
 from fuser import FuserConfig
+from outdir import RunError, atomic_write, claim, read_log, save
 from vit import preprocess
 from weights import CheckpointError
 
@@ -77,6 +79,7 @@ def get_args(argv=None):
     a("--n_val", type=int, default=shapes.N_VAL, help="shapes: validation (and test) problems")
     a("--out_dir", default="out", help="checkpoints and log.jsonl")
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--overwrite", action="store_true", help="replace the run in out_dir (a used out_dir is refused without it)")
     a("--seed", type=int, default=1337, help="weights, data order")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
@@ -92,17 +95,44 @@ def get_args(argv=None):
     args.epochs = (2.5 if tiny_shapes else 4.0) if args.epochs is None else args.epochs
     args.pool = args.pool if args.pool is not None else (1 if args.vit in vlm.OFFLINE else 2)
     args.data_dir = args.data_dir or f"data/raw/{args.dataset}"
-    for name in ("batch_size", "grad_accum", "eval_interval", "rank", "pool", "n_train", "n_val"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if min(args.lr, args.gate_lr, args.epochs) <= 0 or (args.max_steps is not None and args.max_steps < 1):
-        p.error("--lr, --gate_lr, --epochs and --max_steps must be positive")
+    check_args(p, args)
     args.cache_features = args.cache_features or ("memory" if tiny_shapes and args.freeze in ("all", "vit") else "off")
     if args.cache_features != "off" and args.freeze not in ("all", "vit"):
         p.error(f"--cache_features needs a frozen ViT, but --freeze {args.freeze} trains it")
     if args.dataset == "coco" and args.loss == "choices":
         p.error("--loss choices needs multiple-choice questions; coco has captions")
     return args
+
+
+def check_args(p, args):
+    """Refuse at parse time what cannot make a run: nan, inf, numbers out of range, unknown devices."""
+    positive = {"lr": 10, "gate_lr": 10, "epochs": 1e6}  # > 0 and at most this: lr > 10 diverges on anything
+    bounds = {"min_lr": (0, args.lr), "weight_decay": (0, 10), "grad_clip": (0, 1e6), "warmup": (0, 1e9),
+              "max_steps": (1, 1e9), "eval_interval": (1, 1e9), "eval_samples": (1, 1e9), "seed": (0, 2**63 - 1),
+              # 65536: only a typo asks for a batch (or a projector rank) that no memory holds
+              "batch_size": (1, 65536), "grad_accum": (1, 65536), "rank": (1, 65536), "pool": (1, 1024),
+              "n_train": (1, 1e7), "n_val": (1, 1e7), **{k: (0, high) for k, high in positive.items()}}
+    for name, (low, high) in bounds.items():
+        v = getattr(args, name, None)
+        if v is not None and not ((low < v if name in positive else low <= v) and v <= high):  # nan fails too
+            p.error(f"--{name} must be {'above' if name in positive else 'at least'} {low} "
+                    f"and at most {high:g}, not {v}")
+    if args.vit_layers is not None and not re.fullmatch(r"\d+(,\d+)*", args.vit_layers):
+        p.error(f"--vit_layers must be comma-separated layer numbers such as 1,6,12, not {args.vit_layers!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device name: cpu, cuda, cuda:1, mps")
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() or device.type not in
+            ("cpu", "cuda", "mps") or device.type == "mps" and not torch.backends.mps.is_available()):
+        p.error(f"--device {args.device}: no such device here ({torch.cuda.device_count()} CUDA devices); "
+                f"use --device cpu")
+    if not args.out_dir:
+        p.error("--out_dir must name a folder")
+    if os.path.isfile(args.data_dir):
+        p.error(f"--data_dir {args.data_dir} is a file, not a dataset folder")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out_dir, --overwrite replaces it: choose one")
 
 
 def load_data(args):
@@ -120,8 +150,14 @@ def build_model(args):
     try:
         vit, gpt = vlm.build_backbones(args.llm, args.vit)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}\n(or train offline on small backbones pretrained here: --llm tiny --vit tiny)") from None
+        raise CheckpointError(f"{e}; or train offline on small backbones pretrained here: --llm tiny --vit tiny") from None
     layers = tuple(int(k) for k in args.vit_layers.split(",")) if args.vit_layers else None
+    n, grid = vit.config.layers, vit.config.grid
+    if layers and (len(set(layers)) < len(layers) or not all(1 <= k <= n for k in layers)):
+        raise RunError(f"--vit_layers must be distinct layers in 1..{n} (--vit {args.vit} has {n}), "
+                       f"not {args.vit_layers}")
+    if args.pool > grid:
+        raise RunError(f"--pool must be at most the {grid}x{grid} patch grid of --vit {args.vit}, not {args.pool}")
     fuser = FuserConfig(vit_layers=layers, pool=args.pool, rank=args.rank)
     return vlm.VLM(vit, gpt, args.mode, fuser, args.freeze)
 
@@ -199,24 +235,19 @@ def load_resume(path, args):
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume: no checkpoint at {path} (check --out_dir)")
     ckpt = vlm.load_checkpoint(path)
-    old = ckpt.get("train_args", {})
+    kinds = {"step": int, "best": (int, float), "rng": torch.Tensor, "train_args": dict,
+             "optimizer": (dict, type(None))}
+    bad = [k for k, kind in kinds.items() if k not in ckpt or not isinstance(ckpt[k], kind)]
+    if bad or ckpt["step"] < 0 or ckpt["rng"].dtype != torch.uint8 or ckpt["rng"].shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"--resume: {path} has no valid {', '.join(bad) or 'step or rng'} (not written by "
+                              f"train.py, or damaged): start a new run with --overwrite")
+    old = ckpt["train_args"]
     changed = [k for k in ("dataset", "mode", "llm", "vit", "freeze", "vit_layers", "pool", "rank", "loss",
                            "answer", "batch_size", "grad_accum", "seed") if old.get(k) != getattr(args, k)]
     if changed:
         raise CheckpointError(f"--resume: {path} was trained with other settings: "
                               + ", ".join(f"--{k} {old.get(k)}" for k in changed))
     return ckpt
-
-
-def save(obj, path):
-    """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def setup_distributed(args):
@@ -258,10 +289,18 @@ def main(argv=None):
     autocast = torch.autocast("cuda" if on_cuda else "cpu", torch.bfloat16) if bf16 else nullcontext()
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     ckpt = load_resume(ckpt_path, args) if args.resume else None
+    lock = claim(args.out_dir, args.resume, args.overwrite) if master else None  # noqa: F841 (held until exit)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     enc = get_encoding()
     train_set, val_set = load_data(args)
+    global_batch = args.batch_size * args.grad_accum * world
+    if not train_set or not val_set:
+        raise DataError(f"{args.data_dir} has no {'training' if not train_set else 'validation'} examples: "
+                        f"check --data_dir")
+    if global_batch > len(train_set):
+        raise RunError(f"a global batch of {global_batch} (--batch_size x --grad_accum x processes) is more than the "
+                       f"{len(train_set)} training examples: lower --batch_size")
     val_set = val_set[:args.eval_samples] if args.eval_samples else val_set
     model = vlm.from_checkpoint(ckpt) if ckpt else build_model(args)
     model.to(args.device)
@@ -281,25 +320,30 @@ def main(argv=None):
         batch["features"] = cache(batch["image_paths"], args.device) if cache else None
         return to_device(batch, args.device)
 
-    global_batch = args.batch_size * args.grad_accum * world
     max_steps = args.max_steps or math.ceil(args.epochs * len(train_set) / global_batch)
     optimizer = make_optimizer(model, args) if params else None
     start, best = 0, -1.0
     if ckpt:
-        if optimizer:
-            optimizer.load_state_dict(ckpt["optimizer"])
         start, best = ckpt["step"], ckpt["best"]
+        if start > max_steps:
+            raise RunError(f"--resume: {ckpt_path} is at step {start}, past the run's {max_steps} steps: "
+                           f"raise --max_steps (or --epochs) to train on")
+        if optimizer:
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"] or {})
+            except (KeyError, ValueError):  # torch's words for a state of other parameters
+                raise CheckpointError(f"--resume: {ckpt_path} holds no optimizer state for this model") from None
         torch.set_rng_state(ckpt["rng"].cpu())
     train_model = DDP(model, device_ids=[torch.cuda.current_device()] if on_cuda else None) if ddp and params else model
     train_model = torch.compile(train_model) if args.compile else train_model
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        kept = [line for line in open(log_path)] if ckpt and os.path.isfile(log_path) else []
-        with open(log_path, "w") as f:  # on resume, drop what was logged after the checkpoint
-            f.writelines(line for line in kept if json.loads(line)["step"] < start)
+    kept = read_log(log_path, start) if master else None  # parsed now, written back with the first new entry
 
     def log(entry):
+        nonlocal kept
         if master:
+            if kept is not None:  # on resume, drop what was logged after the checkpoint
+                atomic_write(log_path, lambda f: f.write(b"".join(kept)))
+                kept = None
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
@@ -348,13 +392,16 @@ def main(argv=None):
                     loss_sum = loss * logits.size(0)
                 (loss_sum * world / count).backward()  # DDP averages over processes: undo its 1/world
             total += loss_sum.detach()
+        if ddp:
+            dist.all_reduce(total)
+        loss = (total / count).item()
+        if not math.isfinite(loss):  # stop before the weights take this step: nothing after it is saved
+            raise RunError(f"the loss is {loss} at step {step}; stopped, nothing saved after it: lower --lr "
+                           f"or check the data")
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(total)
-        loss = (total / count).item()
         dt, t0 = time.time() - t0, time.time()
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         log({"step": step, "loss": loss, "lr": lr, "tokens_per_s": sum(b["idx"].numel() for b in micro) * world / dt})
@@ -369,7 +416,9 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # no space, no permission, a file where a folder should be
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted (the last checkpoint written is intact)")

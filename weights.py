@@ -113,13 +113,24 @@ def load_state_dict(path) -> dict:
         raise CheckpointError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state = torch_load(path, "PyTorch checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state.get("state_dict", state)
+
+
+def torch_load(path, what):
+    """torch.load of tensors and plain data only (weights_only). Any failure is one line, without
+    torch's advice to retry with weights_only=False: for a file from elsewhere that could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        detail = " ".join(lines)
+        if str(e).startswith(boilerplate[0]):
+            detail += " (only tensors and plain data are ever loaded)"
+        raise CheckpointError(f"{path} is not a readable {what} ({type(e).__name__}: {detail[:300]})") from None
 
 
 def hf_checkpoint(name_or_path: str, repo: str | None = None):
