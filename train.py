@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import model as vlm
 from data import coco, scienceqa, shapes
-from data.batch import DataError, choice_batch, choice_scores, collate, next_tokens, score_choices, scored_logits, to_device
+from data.batch import (DataError, choice_batch, choice_scores, collate, next_tokens, score_choices, scored_logits,
+                        to_device)
 from data.metrics import caption_scores
 from data.tokenizer import EOT, get_encoding
 from features import FeatureCache
