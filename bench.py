@@ -49,8 +49,8 @@ from weights import CheckpointError
 
 
 def backbones(llm, vit):
-    """The real shapes with random weights for "random", else build_backbones' names, paths or "tiny"."""
-    vision, gpt = build_backbones("tiny" if llm == "random" else llm, "tiny" if vit == "random" else vit)
+    """The real shapes with random weights for "random", else build_backbones' names or paths."""
+    vision, gpt = build_backbones("tiny-random" if llm == "random" else llm, "tiny-random" if vit == "random" else vit)
     gpt = GPT(GPTConfig()) if llm == "random" else gpt
     vision = ViT(ViTConfig()) if vit == "random" else vision
     return vision.eval(), gpt.eval()
@@ -223,8 +223,8 @@ def ints(s):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--llm", default="random", help='"random" (GPT-2 124M shapes), "tiny", a public name or a path')
-    p.add_argument("--vit", default="random", help='"random" (CLIP ViT-B/16 shapes), "tiny", a public name or a path')
+    p.add_argument("--llm", default="random", help='"random" (GPT-2 124M shapes), "tiny", "tiny-random", a public name or a path')
+    p.add_argument("--vit", default="random", help='"random" (CLIP ViT-B/16 shapes), "tiny", "tiny-random", a public name or a path')
     p.add_argument("--modes", default=",".join(MODES), type=words, help="comma list, dehvf included")
     p.add_argument("--B", type=int, default=4, help="training batch size")
     p.add_argument("--T", default="128", type=ints, help="text tokens per sample; a comma list sweeps")

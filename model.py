@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import pretrain
 from fuser import FuserConfig, HierarchicalFuser
 from llm import GPT, GPTConfig
 from vit import ViT, ViTConfig
@@ -123,20 +124,24 @@ class VLM(nn.Module):
 
 # ----------------------------------------------------------------------------- building and checkpoints
 
+OFFLINE = ("tiny", "tiny-random")  # backbones made here, not loaded by name: small pretrained ones, or untrained
+
+
 def build_backbones(llm="tiny", vit="tiny"):
-    """A public name or local path for each backbone, or "tiny" for small random ones."""
-    gpt = GPT(GPTConfig.tiny()) if llm == "tiny" else GPT.from_pretrained(llm)
-    vision = ViT(ViTConfig.tiny()) if vit == "tiny" else ViT.from_pretrained(vit)
-    return vision, gpt
+    """A public name or local path for each backbone; or "tiny": small ones pretrained offline on
+    shapes (pretrain.py, built once and cached); or "tiny-random": the same sizes, untrained."""
+    gpt = {"tiny": pretrain.tiny_decoder, "tiny-random": lambda: GPT(GPTConfig.tiny())}.get(llm)
+    vision = {"tiny": pretrain.tiny_vit, "tiny-random": lambda: ViT(ViTConfig.tiny())}.get(vit)
+    return (vision() if vision else ViT.from_pretrained(vit)), (gpt() if gpt else GPT.from_pretrained(llm))
 
 
 def checkpoint_state(model: VLM, llm: str, vit: str) -> dict:
     """Only what rebuilds the model: its arguments, the trainable weights, and the backbones'
-    weights when they cannot be had by name (random tiny ones, or trained ones)."""
+    weights when they cannot be had by name (offline tiny or random ones, or trained ones)."""
     keep = {name for name, p in model.named_parameters() if p.requires_grad}
-    if llm == "tiny" or model.freeze in ("vit", "none"):
+    if llm in OFFLINE or model.freeze in ("vit", "none"):
         keep |= {"gpt." + k for k in model.gpt.state_dict()}
-    if vit == "tiny" or model.vit_trains:
+    if vit in OFFLINE or model.vit_trains:
         keep |= {"vit." + k for k in model.vit.state_dict()}
     state = {k: v for k, v in model.state_dict().items() if k in keep or not k.startswith(("gpt.", "vit."))}
     return {

@@ -3,6 +3,7 @@
     python sample.py --image x.jpg --question "What colour is the circle?" --options "red,blue,green"
     python sample.py --image x.jpg --prompt "A picture of" --temperature 0.8 --top_k 40
     python sample.py --image x.jpg --question ... --options ... --show_fusion fusion.png
+    python sample.py --mix_by_type out/mix          # shapes: the mean mix per question type, one PNG each
 
 A question goes into the prompt training used (data/scienceqa.py's QCM) and its
 options are scored by their likelihood after " The answer is", through the same
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import model as vlm
 from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
-from data.scienceqa import ANSWER_PREFIX, build_prompt
+from data.scienceqa import ANSWER_PREFIX, build_prompt, load_scienceqa
 from data.tokenizer import EOT, get_encoding
 from train import Help
 from vit import preprocess
@@ -31,7 +32,7 @@ from weights import CheckpointError
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
-    a("--image", required=True, help="the image file (any format Pillow reads)")
+    a("--image", default=None, help="the image file (any format Pillow reads)")
     a("--question", default=None, help="a multiple-choice question (with --options)")
     a("--options", default=None, help="its options, comma-separated, 2 to 26: 'red,blue,green'")
     a("--context", default=None, help="the question's hint (the prompt's 'Context:'; N/A if none)")
@@ -44,8 +45,12 @@ def get_args(argv=None):
     a("--top_k", type=int, default=None, help="sample among the k likeliest tokens only (temperature > 0)")
     a("--seed", type=int, default=1337, help="for sampling")
     a("--show_fusion", default=None, metavar="PNG", help="save the fuser's ViT-layer mix as a heat map")
+    a("--mix_by_type", default=None, metavar="PREFIX", help="instead of one image: the mean mix over ViT "
+      "layers per shapes question type on 40 validation questions each, saved as PREFIX-<type>.png")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    if (args.image is None) == (args.mix_by_type is None):
+        raise ValueError("give --image (one image) or --mix_by_type (shapes validation questions)")
     if (args.question is None) != (args.options is None):
         raise ValueError("--question and --options go together")
     if args.options is not None:
@@ -124,8 +129,32 @@ def save_fusion(selection, vit_layers, path, title):
     os.replace(tmp, path)  # atomic: never half a picture at path
 
 
+def mix_by_type(model, trained, args, enc, per_type=40):
+    """The fuser's mix averaged over validation questions of each shapes type: does the decoder
+    read other ViT layers for colour than for counting? One heat map per type, and a line each."""
+    if trained.get("dataset") != "shapes" or not hasattr(model, "fuser"):
+        raise ValueError("--mix_by_type needs a checkpoint trained on shapes in a mode with a fuser")
+    questions = [ex for ex in load_scienceqa(trained["data_dir"], "val", trained["answer"]) if ex.image]
+    transform = lambda img: preprocess(img, model.vit.config.image_size)
+    for qtype in ("colour", "shape", "count", "position"):
+        chosen = [ex for ex in questions if ex.meta["qtype"] == qtype][:per_type]
+        score_choices(model, to_device(choice_batch(chosen, enc, transform, model.block_size), args.device))
+        mix = model.fuser.selection.float().mean(0).cpu()  # (L, K): decoder layer x ViT layer
+        path = f"{args.mix_by_type}-{qtype}.png"
+        save_fusion(mix, model.fuser.layers, path, (f"{model.mode}: mean mix over {len(chosen)} '{qtype}' questions",
+                                                    trained["data_dir"]))
+        top = [f"h{model.fuser.layers[k]}" for k in mix.argmax(1).tolist()]
+        print(f"{qtype:>8}: heaviest ViT layer per decoder layer {' '.join(top)}; "
+              f"mean weights per ViT layer {' '.join(f'{w:.2f}' for w in mix.mean(0).tolist())} -> {path}")
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.mix_by_type:
+        ckpt = vlm.load_checkpoint(args.checkpoint)
+        model = vlm.from_checkpoint(ckpt).to(args.device).eval()
+        with torch.no_grad():
+            return mix_by_type(model, ckpt.get("train_args") or {}, args, get_encoding())
     if not os.path.isfile(args.image):
         raise DataError(f"no image file at {args.image}")
     image = load_image(args.image, "--image")  # a bad image fails here, before the model loads
@@ -141,7 +170,7 @@ def main(argv=None):
         if args.question is not None:
             answer_question(model, args, args.answer or trained.get("answer", "letter"), enc)
         else:
-            if trained.get("dataset") in ("shapes", "scienceqa"):
+            if trained.get("dataset") == "scienceqa":  # shapes trains captions too
                 print(f"note: this checkpoint was trained to answer {trained['dataset']} questions; ask one with "
                       f"--question \"...\" --options \"a,b,c\"", file=sys.stderr)
             continue_prompt(model, image, args, enc)

@@ -1,6 +1,6 @@
 """Train the fuser: one plain loop, in nanoGPT's order.
 
-    python train.py                                  # offline: shapes, tiny random backbones
+    python train.py                                  # offline: shapes, tiny backbones pretrained here
     python train.py --dataset scienceqa --llm gpt2 --vit openai/clip-vit-base-patch16
     torchrun --nproc_per_node=4 train.py ...         # DistributedDataParallel, same losses
     python train.py --eval_only --split test         # score out_dir/best.pt on a split
@@ -45,9 +45,9 @@ from weights import CheckpointError
 #              no gradient clipping)
 #   coco:      ADEM-VL's README command for COCO caption (8 GPUs x 2 x accum 2 = 32; 5 epochs, 0.1 warm-up
 #              epochs, blr 9e-3, weight decay 0.02) and its train.py (betas (0.9, 0.95), min_lr 0, no clipping)
-#   shapes:    chosen for a CPU run of minutes (README, "Results"); min_lr lr / 10
+#   shapes:    chosen for a CPU run of minutes (README, "Results"); min_lr lr / 10, the gates' lr 10 x lr
 DEFAULTS = {
-    "shapes": dict(answer="text", loss="choices", lr=1e-2, gate_lr=0.1, warmup=50, epochs=4.0,
+    "shapes": dict(answer="text", loss="lm", lr=3e-3, gate_lr_x=10, warmup=50, epochs=4.0,
                    weight_decay=0.01, beta1=0.9, beta2=0.99, grad_clip=1.0),
     "scienceqa": dict(answer="letter", loss="lm", blr=9e-3, warmup_epochs=2.0, epochs=20.0,
                       weight_decay=0.02, beta1=0.9, beta2=0.95, min_lr=0.0, grad_clip=0.0),
@@ -82,17 +82,19 @@ def get_args(argv=None):
       help="lm: next-token loss on the target; choices: cross-entropy over the options' "
            "likelihoods (default: per dataset)")
     a("--mode", default="dehvf", choices=vlm.MODES, help="how the image reaches the decoder (model.py)")
-    a("--llm", default="tiny", help="gpt2, gpt2-medium, ..., a local checkpoint, or tiny (small, random)")
-    a("--vit", default="tiny", help="openai/clip-vit-base-patch16, ..., a local checkpoint, or tiny")
+    a("--llm", default="tiny", help="gpt2, gpt2-medium, ..., a local checkpoint, tiny (small, pretrained "
+                                    "offline on shapes text: pretrain.py, cached) or tiny-random (untrained)")
+    a("--vit", default="tiny", help="openai/clip-vit-base-patch16, ..., a local checkpoint, tiny (pretrained "
+                                    "offline on shapes images) or tiny-random")
     a("--freeze", default="all", choices=vlm.FREEZE, help="which backbones stay frozen")
     a("--vit_layers", default=None, help="comma-separated ViT layers for the fuser (default: all)")
-    a("--pool", type=int, default=None, help="fuser pooling (default: 2, 1 for tiny)")
+    a("--pool", type=int, default=None, help="fuser pooling (default: 2, 1 for the tiny ones)")
     a("--rank", type=int, default=128, help="fuser projector rank")
     a("--batch_size", type=int, default=32, help="per process, per micro-step")
     a("--grad_accum", type=int, default=1, help="micro-steps per optimiser step")
     a("--lr", type=float, default=None, help="peak learning rate (default: per dataset, DEFAULTS in train.py)")
     a("--blr", type=float, default=None, help="base learning rate: lr = blr * global batch / 256")
-    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 0.1 for shapes)")
+    a("--gate_lr", type=float, default=None, help="lr of the fuser's gates (default: lr, 10 x lr for shapes)")
     a("--min_lr", type=float, default=None, help="end of the cosine (default: per dataset)")
     a("--warmup", type=int, default=None, help="warm-up steps (default: per dataset, or from --warmup_epochs)")
     a("--warmup_epochs", type=float, default=None, help="warm-up in epochs")
@@ -120,7 +122,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     tiny_shapes = args.dataset == "shapes"
     resolve_defaults(args, int(os.environ.get("WORLD_SIZE", 1)))
-    args.pool = args.pool or (1 if args.vit == "tiny" else 2)
+    args.pool = args.pool if args.pool is not None else (1 if args.vit in vlm.OFFLINE else 2)
     args.data_dir = args.data_dir or f"data/raw/{args.dataset}"
     for name in ("batch_size", "grad_accum", "eval_interval", "rank", "pool", "n_train", "n_val"):
         if getattr(args, name) < 1:
@@ -142,6 +144,7 @@ def get_args(argv=None):
 def resolve_defaults(args, world):
     """Fill what the command line left unset from DEFAULTS[dataset]; lr from blr and the global batch."""
     table = dict(DEFAULTS[args.dataset])
+    gate_lr_x = table.pop("gate_lr_x", 1)
     if args.lr is not None or args.blr is not None:  # a rate given either way replaces the table's
         table.pop("lr", None), table.pop("blr", None)
     if args.warmup is not None or args.warmup_epochs is not None:
@@ -151,19 +154,22 @@ def resolve_defaults(args, world):
             setattr(args, k, v)
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.grad_accum * world / 256
-    args.gate_lr = args.lr if args.gate_lr is None else args.gate_lr
+    args.gate_lr = gate_lr_x * args.lr if args.gate_lr is None else args.gate_lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
 
 
 def load_data(args):
-    """(train, val, test) examples; test is --split; --eval_only reads only that."""
+    """(train, val, test) examples, test being --split (all that --eval_only reads); shapes has
+    questions and captions together."""
     if args.dataset == "shapes":
         shapes.ensure_shapes(args.data_dir, args.n_train, args.n_val)
-    if args.dataset == "coco":
-        load = lambda split: coco.load_coco(args.data_dir, split)
-    else:
-        load = lambda split: scienceqa.load_scienceqa(args.data_dir, split, args.answer, context=args.context,
-                                                      target=args.target)
+
+    def load(split):
+        if args.dataset == "coco":
+            return coco.load_coco(args.data_dir, split)
+        questions = scienceqa.load_scienceqa(args.data_dir, split, args.answer, context=args.context,
+                                             target=args.target)
+        return questions + (shapes.caption_examples(args.data_dir, split) if args.dataset == "shapes" else [])
     return [] if args.eval_only else load("train"), [] if args.eval_only else load("val"), load(args.split)
 
 
@@ -171,7 +177,7 @@ def build_model(args):
     try:
         vit, gpt = vlm.build_backbones(args.llm, args.vit)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}\n(or train offline on small random backbones: --llm tiny --vit tiny)") from None
+        raise CheckpointError(f"{e}\n(or train offline on small backbones pretrained here: --llm tiny --vit tiny)") from None
     layers = tuple(int(k) for k in args.vit_layers.split(",")) if args.vit_layers else None
     fuser = FuserConfig(vit_layers=layers, pool=args.pool, rank=args.rank)
     return vlm.VLM(vit, gpt, args.mode, fuser, args.freeze)
@@ -197,14 +203,15 @@ def predict(model, examples, args, batch_of, rank=0, world=1):
     mine, out, enc = examples[rank::world], {}, get_encoding()
     for i in tqdm(range(0, len(mine), args.batch_size), desc="eval", leave=False, disable=rank != 0):
         chunk = mine[i:i + args.batch_size]
-        if args.dataset == "coco":
-            batch = batch_of(chunk, collate)
+        captions, chunk = [ex for ex in chunk if ex.choices is None], [ex for ex in chunk if ex.choices]
+        if captions:
+            batch = batch_of(captions, collate)
             prompt = batch["idx"][:, :int(batch["prompt_mask"][0].sum())]  # every prompt is "A picture of"
             tokens = model.generate(batch["images"], prompt, 24, has_image=batch["has_image"],
                                     features=batch["features"])
-            for ex, row in zip(chunk, tokens[:, prompt.size(1):].tolist()):
+            for ex, row in zip(captions, tokens[:, prompt.size(1):].tolist()):
                 out[ex.id] = get_encoding().decode(row[:row.index(EOT)] if EOT in row else row).strip()
-        else:
+        if chunk:
             batch = batch_of(chunk, choice_batch)
             logits = scored_logits(model, batch)  # (N, V)
             likely = choice_scores(logits, batch).argmax(dim=-1).tolist()
@@ -220,22 +227,30 @@ def predict(model, examples, args, batch_of, rank=0, world=1):
 
 
 def evaluate(model, examples, args, batch_of, rank=0, world=1):
-    """Captions: BLEU-4 and CIDEr-D of greedy captions. QA: accuracy by ScienceQA's categories
-    (+ per question type on shapes) of the most likely option; with --answer letter, also of the
-    published protocol (MemVP's eval.py: the letter the greedy next token names, invalid = wrong),
-    which is then the metric, the likelihood table under "likelihood"."""
+    """Captions: BLEU-4 and CIDEr-D of greedy captions. QA: accuracy by ScienceQA's categories of the
+    most likely option; with --answer letter, also of the published protocol (MemVP's eval.py: the
+    letter the greedy next token names, invalid = wrong), which is then the metric, the likelihood
+    table under "likelihood". Shapes has both, and adds accuracy per question type and how often a
+    caption names an object right."""
     out = predict(model, examples, args, batch_of, rank, world)
     if args.dataset == "coco":
         scores = caption_scores(coco.references(examples), out)
         return {"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"], "metric": scores["CIDEr"]}
-    table = lambda picks: {**scienceqa.score(examples, picks), **scienceqa.by_type(examples, picks)}
-    likelihood = table({k: likely for k, (likely, _) in out.items()})
-    if args.answer != "letter":
-        return {**likelihood, "metric": likelihood["Avg"]}
-    said = {k: said for k, (_, said) in out.items()}
-    scores = table(said)
-    invalid = 100.0 * sum(v < 0 for v in said.values()) / len(said)
-    return {**scores, "invalid": invalid, "likelihood": likelihood, "metric": scores["Avg"]}
+    questions, captions = [ex for ex in examples if ex.choices], [ex for ex in examples if ex.choices is None]
+
+    def table(picks):
+        scores = scienceqa.score(questions, picks)
+        return {**scores, **shapes.type_scores(questions, picks)} if args.dataset == "shapes" else scores
+    scores = likelihood = table({ex.id: out[ex.id][0] for ex in questions})
+    if args.answer == "letter":
+        said = {ex.id: out[ex.id][1] for ex in questions}
+        invalid = 100.0 * sum(v < 0 for v in said.values()) / len(said)
+        scores = {**table(said), "invalid": invalid, "likelihood": likelihood}
+    if args.dataset == "shapes" and captions:
+        scene = {ex.id: ex.meta["scene"] for ex in questions if ex.meta["scene"]}
+        named = [shapes.names_an_object(out[ex.id], scene[ex.meta["pid"]]) for ex in captions]
+        scores["caption"] = 100.0 * sum(named) / len(named)
+    return {**scores, "metric": scores["Avg"]}
 
 
 def summary(scores):
@@ -276,7 +291,7 @@ def show_sample(model, examples, args, batch_of):
     ex = next((e for e in examples if e.image), examples[0])
     answer = predict(model, [ex], args, batch_of)[ex.id]
     print(f"\nimage: {ex.image}\n{ex.prompt}")
-    if args.dataset == "coco":
+    if ex.choices is None:
         print(f"-> {answer}\n(a reference: {ex.references[0]})")
     else:
         print(f"->{ex.answer_prefix}{ex.choices[answer[0]]}. (most likely; right answer:{ex.choices[ex.answer]})")

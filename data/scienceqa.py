@@ -17,8 +17,8 @@ adds the image's caption after the hint, as MemVP's and LaVIN's eval.py do;
 target="qcm-ale" appends " BECAUSE: {lecture} {solution}", LaVIN's QCM-ALE.
 
 `score` reports the categories of the official evaluation (ScienceQA's
-tools/evaluate_acc.py), `by_type` the accuracy per question type (shapes), and
-`parse_letter` reads a generated answer as MemVP's eval.py does. The synthetic
+tools/evaluate_acc.py) and `parse_letter` reads a generated answer as MemVP's
+eval.py does. The synthetic
 set in shapes.py is written in this same layout and read here.
 
     python -m data.scienceqa --download [--data_dir DIR]     # fetch, unpack, verify
@@ -153,7 +153,8 @@ def _example(pid, p, root, split, answer, caption="", target="qcm-a"):
         choices=[f" {c}" for c in shown],
         answer=p["answer"],
         meta={"subject": p.get("subject", ""), "grade": p.get("grade", ""), "hint": hint,
-              "has_image": has_image, "qtype": p.get("qtype"), "split": p.get("split", split)},
+              "has_image": has_image, "qtype": p.get("qtype"), "split": p.get("split", split),
+              "scene": p.get("scene")},  # qtype and scene: shapes' own fields
     )
 
 
@@ -191,16 +192,6 @@ def score(examples, predictions) -> dict:
             total[cat] += 1
             right[cat] += ok
     return {c: 100.0 * right[c] / total[c] if total[c] else None for c in CATEGORIES}
-
-
-def by_type(examples, predictions) -> dict:
-    """{question type: accuracy in percent} over the examples that have a meta["qtype"] (shapes)."""
-    right, total = Counter(), Counter()
-    for ex in examples:
-        if ex.meta.get("qtype") is not None:
-            total[ex.meta["qtype"]] += 1
-            right[ex.meta["qtype"]] += predictions.get(ex.id) == ex.answer
-    return {q: 100.0 * right[q] / total[q] for q in sorted(total)}
 
 
 def parse_letter(text, n_choices) -> int:

@@ -38,6 +38,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -166,6 +167,13 @@ def caption(scene):
     return refs
 
 
+def describe(scene):
+    """The scene in words: what the tiny decoder reads in "Context:" while it is pretrained
+    (pretrain.py), and what the fuser has to supply from the image instead."""
+    return "; ".join(f"a {o['colour']} {o['shape']} in row {o['row'] + 1}, column {o['col'] + 1}"
+                     for o in scene["objects"]) + "."
+
+
 # ----------------------------------------------------------------------------- the dataset
 
 def generate(out, n_train=N_TRAIN, n_val=N_VAL, n_test=None, seed=0, grid=4, progress=True):
@@ -237,6 +245,40 @@ def _caption_entry(imgid, pid, split, scene):
             "split": split, "sentids": sentids,
             "sentences": [{"raw": r, "tokens": r.replace(",", "").replace(":", "").split(), "imgid": imgid, "sentid": s}
                           for r, s in zip(refs, sentids)]}
+
+
+def caption_examples(root, split, every=4):
+    """Caption examples for one image in `every` of a split: "A picture of" -> the first reference
+    (every object, left to right, and the background). The default run trains them beside the
+    questions, so sample.py can caption an image as well as answer about it."""
+    from data.coco import load_coco  # the captions file is in Karpathy's layout
+    first = [ex for ex in load_coco(root, split) if ex.meta["caption_index"] == 0][::every]
+    return [replace(ex, id=f"caption-{ex.id}", meta={**ex.meta, "pid": ex.id}) for ex in first]  # ids apart from QA's
+
+
+def names_an_object(caption, scene):
+    """Does the caption name the colour and shape of at least one object of the scene ("red star")?"""
+    return any(f"{o['colour']} {o['shape']}" in caption for o in scene["objects"])
+
+
+def binding(example):
+    """A question where more than one option is in the scene ("What colour is the star?" with a red
+    and a blue object): spotting an option in the image is not enough, it must be bound to the object."""
+    scene, qtype = example.meta.get("scene"), example.meta.get("qtype")
+    if not scene or qtype not in ("colour", "shape", "position"):
+        return False
+    present = {o["colour" if qtype == "colour" else "shape"] for o in scene["objects"]}
+    return sum(c.strip() in present for c in example.choices) > 1
+
+
+def type_scores(examples, predictions):
+    """Accuracy (%) per question type, and on the binding subset (see `binding`)."""
+    groups = {}
+    for ex in examples:
+        for key in (ex.meta.get("qtype"), "binding" if binding(ex) else None):
+            if key and ex.id in predictions:
+                groups.setdefault(key, []).append(predictions[ex.id] == ex.answer)
+    return {key: 100.0 * sum(hits) / len(hits) for key, hits in sorted(groups.items())}
 
 
 def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, n_test=None, grid=4):

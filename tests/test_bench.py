@@ -21,7 +21,7 @@ def run(*args):
 
 def test_bench_tiny_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    p = run("--llm", "tiny", "--vit", "tiny", "--B", "2", "--T", "12,20", "--answer", "4", "--reps", "1",
+    p = run("--llm", "tiny-random", "--vit", "tiny-random", "--B", "2", "--T", "12,20", "--answer", "4", "--reps", "1",
             "--decode_prompt", "6", "--new_tokens", "3", "--threads", "1", "--profile", "3", "--json", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -54,7 +54,7 @@ def test_bench_help_and_bad_input(capsys):
         bench.main(["--modes", "prefix,none"])
     assert "include dehvf" in str(e.value.code)
     with pytest.raises(SystemExit) as e:  # 300 + 17 visual positions > the tiny context of 256
-        bench.main(["--llm", "tiny", "--vit", "tiny", "--T", "300"])
+        bench.main(["--llm", "tiny-random", "--vit", "tiny-random", "--T", "300"])
     assert "exceed the decoder's context" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         bench.main(["--llm", "no/such-model"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.batch import DataError, Example, collate
-from data.scienceqa import by_type, format_scores, load_scienceqa, main, parse_letter, score
+from data.batch import DataError, collate
+from data.scienceqa import format_scores, load_scienceqa, main, parse_letter, score
 from data.tokenizer import EOT, get_encoding
 
 PROBLEMS = {
@@ -127,16 +127,6 @@ def test_scorer_against_a_table_worked_out_by_hand(tmp_path):
     assert s.keys() == HAND_TABLE.keys()
     for cat, expected in HAND_TABLE.items():
         assert s[cat] == pytest.approx(expected), cat
-
-
-def test_accuracy_per_question_type():
-    # colour: 2 of 3 right; count: 0 of 1; shape: 1 of 2; the problem without a type is in none
-    types = {"1": ("colour", True), "2": ("colour", False), "3": ("colour", True), "4": ("count", False),
-             "5": ("shape", True), "6": ("shape", False), "7": (None, True)}
-    examples = [Example(id=pid, prompt="Q?", target=" A", image=None, answer=0, meta={"qtype": q})
-                for pid, (q, _) in types.items()]
-    predictions = {pid: 0 if right else 1 for pid, (_, right) in types.items()}
-    assert by_type(examples, predictions) == {"colour": pytest.approx(200 / 3), "count": 0.0, "shape": 50.0}
 
 
 @pytest.mark.parametrize("text, n_choices, expected", [

@@ -143,3 +143,20 @@ def test_ensure_shapes_regenerates_only_when_needed(tmp_path):
     with pytest.raises(DataError, match="not a shapes dataset"):
         ensure_shapes(str(other), n_train=10, n_val=5)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_accuracy_per_question_type_and_binding():
+    # worked out by hand: colour 2 of 3 right (pid 8 has no prediction: not counted), count 0 of 1,
+    # shape 1 of 2; binding (two options in the scene) only pid 1, right; pid 7 has no type
+    from data.batch import Example
+    from data.shapes import type_scores
+    two = {"objects": [{"colour": "red", "shape": "star"}, {"colour": "blue", "shape": "circle"}]}
+    one = {"objects": [{"colour": "red", "shape": "star"}]}
+    rows = {"1": ("colour", True, two), "2": ("colour", False, one), "3": ("colour", True, None),
+            "4": ("count", False, None), "5": ("shape", True, None), "6": ("shape", False, None),
+            "7": (None, True, None), "8": ("colour", None, None)}
+    examples = [Example(id=pid, prompt="Q?", target=" red", image=None, choices=[" red", " blue"], answer=0,
+                        meta={"qtype": q, "scene": scene}) for pid, (q, _, scene) in rows.items()]
+    predictions = {pid: 0 if right else 1 for pid, (_, right, _) in rows.items() if right is not None}
+    assert type_scores(examples, predictions) == {"binding": 100.0, "colour": pytest.approx(200 / 3),
+                                                  "count": 0.0, "shape": 50.0}

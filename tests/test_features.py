@@ -14,7 +14,7 @@ from vit import preprocess
 
 def make_model(seed=0, pool=1, mode="dehvf"):
     torch.manual_seed(seed)
-    vit, gpt = build_backbones("tiny", "tiny")
+    vit, gpt = build_backbones("tiny-random", "tiny-random")
     return VLM(vit, gpt, mode, FuserConfig(pool=pool))
 
 

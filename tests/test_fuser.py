@@ -19,7 +19,7 @@ B, T, PROMPT = 3, 10, 6  # batch, tokens, prompt tokens (the rest is the answer)
 @functools.lru_cache(maxsize=None)
 def _backbones():
     torch.manual_seed(0)
-    return build_backbones("tiny", "tiny")
+    return build_backbones("tiny-random", "tiny-random")
 
 
 def make(mode, seed=0):

@@ -22,7 +22,7 @@ V = GPTConfig.tiny().vocab_size
 @functools.lru_cache(maxsize=None)
 def _backbones():
     torch.manual_seed(0)
-    return build_backbones("tiny", "tiny")
+    return build_backbones("tiny-random", "tiny-random")
 
 
 def make(mode, trained=True, seed=0):
@@ -228,7 +228,7 @@ def test_mixed_batch_under_bf16_autocast(mode):
 def test_checkpoint_round_trip(mode, tmp_path):
     model = make(mode)
     path = tmp_path / "ckpt.pt"
-    torch.save(checkpoint_state(model, "tiny", "tiny"), path)
+    torch.save(checkpoint_state(model, "tiny-random", "tiny-random"), path)
     assert torch.load(path, weights_only=True)["nanodehvf"] == 1  # plain data: a weights_only load
     loaded = from_checkpoint(path)
     assert loaded.mode == mode and loaded.n_trainable() == model.n_trainable()

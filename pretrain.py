@@ -1,0 +1,406 @@
+"""Pretrain the offline tiny backbones, so the fuser meets what it meets in the paper.
+
+DEHVF (like MemVP and LLaVA) starts from *pretrained* backbones: the decoder
+already understands the question, the ViT's layers already mean something, and
+only the fuser learns. Offline there are no public weights, so `--llm tiny
+--vit tiny` make their own, once, on shapes (data/shapes.py), and cache them
+like downloaded weights:
+
+  decoder  a 4-layer GPT-2 trained as a language model on shapes *text*: the
+           exact QCM prompts the fuser is trained on, but with the scene
+           described in words in the "Context:" field, then the right answer;
+           the captions; the text-only questions. It learns to answer from a
+           described scene. In the fuser stage the context says "N/A" and the
+           image has to supply the facts, as in the paper.
+  ViT      a 4-layer CLIP-style ViT trained on shapes images with labels that
+           never see a question: each last-layer patch token names the shape
+           in its cell (or none), the class token counts the objects. Like
+           CLIP's, its deep layers are trained on concepts (shape, count), so
+           fine detail (colour) lives in the shallow ones: which ViT layer to
+           read is a real question for the fuser.
+
+Both are built on first use (a progress bar each) into the weights cache
+(weights.cache_dir()/tiny/...), under a fingerprint of their config, the shapes
+generator's version, the recipe and the seed; a stale one is rebuilt.
+`--llm tiny-random --vit tiny-random` are the same sizes untrained (tests, the ablation).
+
+    python pretrain.py                # build both (train.py does this itself)
+"""
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import shapes
+from data.scienceqa import build_prompt
+from data.tokenizer import EOT, get_encoding
+from llm import GPT, GPTConfig
+from vit import ViT, ViTConfig, preprocess
+from weights import cache_dir
+
+
+@dataclass
+class DecoderRecipe:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    questions: int = 4  # questions asked about each described scene (the first in the exact prompt format)
+    hard: float = 0.5  # share of image questions whose wrong options are drawn from the scene first
+    lookups: int = 0  # short look-ups after the questions ("star: red"), a dense signal for reading the scene
+
+
+@dataclass
+class ViTRecipe:
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    images: int = 6000  # scenes drawn once and reused (drawing is the slow part)
+
+
+# ----------------------------------------------------------------------------- decoder text
+
+def _options(rng, answer, pool, scene_values, hard):
+    """2-5 options including the answer; with probability `hard` the wrong ones come from the scene first."""
+    k = rng.randint(2, min(5, len(pool)))
+    others = [c for c in pool if c != answer]
+    rng.shuffle(others)
+    if rng.random() < hard:
+        others.sort(key=lambda c: c not in scene_values)  # stable: scene values first, shuffled among themselves
+    choices = others[:k - 1]
+    choices.insert(rng.randrange(k), answer)
+    return choices
+
+
+def decoder_document(rng, hard=0.5, questions=4, lookups=0):
+    """One training text as (segments): [(text, has_loss), ...]. Either a described scene followed by
+    `questions` questions about it, a text-only question, or a caption."""
+    roll = rng.random()
+    if roll < 0.1:  # a caption, as the fuser stage asks for one: "A picture of ..."
+        scene = shapes.make_scene(rng)
+        return [("A picture of", False), (" " + rng.choice(shapes.caption(scene)), True)]
+    if roll < 0.2:  # a text-only question (ScienceQA's TXT and NO)
+        question, hint, answer, pool = shapes._ask_text(rng, rng.random() < 0.5)
+        choices = _options(rng, answer, pool, [], 0.0)
+        return [(build_prompt(question, hint, choices), False), (f" The answer is {answer}.", True)]
+    scene = shapes.make_scene(rng, most=5)
+    values = {"colour": [o["colour"] for o in scene["objects"]], "shape": [o["shape"] for o in scene["objects"]],
+              "count": [], "position": [o["shape"] for o in scene["objects"]]}
+    segments, first = [], True
+    for qtype in rng.sample(shapes.QTYPES[:4], 4)[:questions]:
+        asked = shapes._ask(rng, qtype, scene)
+        if asked is None:
+            continue
+        question, _, answer, pool = asked
+        choices = _options(rng, answer, pool, values[qtype], hard)
+        if first:
+            prompt = build_prompt(question, shapes.describe(scene), choices)
+            first = False
+        else:
+            prompt = "\n" + build_prompt(question, "", choices).replace("\nContext: N/A", "")
+        segments += [(prompt, False), (f" The answer is {answer}.", True)]
+    objects = scene["objects"]
+    for _ in range(lookups):
+        key, value = rng.choice((("shape", "colour"), ("colour", "shape")))
+        o = rng.choice(objects)
+        if sum(p[key] == o[key] for p in objects) == 1:  # a key that names one object
+            segments += [(f"\n{o[key]}:", False), (f" {o[value]}", True)]
+    return segments
+
+
+@functools.lru_cache(maxsize=None)
+def vocabulary(seed=0):
+    return Vocab(seed)
+
+
+class Vocab:
+    """The GPT-2 tokens shapes text uses, plus one row standing for all others.
+
+    Training a 50257-way softmax at every position would cost the tiny decoder
+    most of its time, so it trains on the few hundred tokens shapes text uses.
+    Every other token shares one embedding row ("other"), whose logit counts
+    n_other times: a softmax over the small vocabulary with log(n_other) added
+    to that logit is exactly the full softmax with those rows tied. `export`
+    writes the full 50257-row embedding, so the result is a plain GPT-2-shaped
+    checkpoint that gives the same probabilities."""
+
+    def __init__(self, seed=0, n_docs=20000):
+        enc, rng = get_encoding(), random.Random(seed)
+        used = {EOT}
+        for _ in range(n_docs):
+            for text, _ in decoder_document(rng):
+                used.update(enc.encode_ordinary(text))
+        self.ids = sorted(used)  # small id -> GPT-2 id
+        self.small = {t: i for i, t in enumerate(self.ids)}
+        self.other = len(self.ids)  # the shared row
+        self.n_other = enc.n_vocab - len(self.ids)
+        self.size = len(self.ids) + 1
+
+    def encode(self, text):
+        return [self.small.get(t, self.other) for t in get_encoding().encode_ordinary(text)]
+
+
+def decoder_batch(rng, vocab, recipe, block_size):
+    """(idx, targets) (B, T) long on the small vocabulary: loss on the answers and captions only."""
+    rows = []
+    for _ in range(recipe.batch_size):
+        tokens, targets = [], []
+        for text, has_loss in decoder_document(rng, recipe.hard, recipe.questions, recipe.lookups):
+            ids = vocab.encode(text)
+            tokens += ids
+            targets += ids if has_loss else [-100] * len(ids)
+        tokens, targets = tokens + [vocab.small[EOT]], targets + [vocab.small[EOT]]
+        rows.append((tokens[:block_size + 1], targets[:block_size + 1]))
+    T = max(len(t) for t, _ in rows) - 1
+    idx = torch.full((len(rows), T), vocab.small[EOT], dtype=torch.long)
+    tgt = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (t, y) in enumerate(rows):
+        idx[i, :len(t) - 1] = torch.tensor(t[:-1])
+        tgt[i, :len(y) - 1] = torch.tensor(y[1:])
+    return idx, tgt
+
+
+def train_decoder(config: GPTConfig, recipe: DecoderRecipe, seed=0, progress=True, every=None):
+    """A GPT-2-shaped decoder (full vocabulary) trained on shapes text; see Vocab for the trick."""
+    torch.manual_seed(seed)
+    vocab = vocabulary(seed)
+    small = GPT(GPTConfig(**{**asdict(config), "vocab_size": vocab.size}))
+    decay = [p for p in small.parameters() if p.dim() >= 2]
+    rest = [p for p in small.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    offset = torch.zeros(vocab.size)
+    offset[vocab.other] = math.log(vocab.n_other)
+    rng = random.Random(seed + 1)
+    bar = tqdm(range(recipe.steps), desc="pretrain decoder", disable=not progress)
+    for step in bar:
+        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx, targets = decoder_batch(rng, vocab, recipe, config.block_size)
+        h = small.hidden(idx)
+        keep = targets != -100
+        logits = small.lm_head(h[keep]) + offset  # (N, V_small)
+        loss = F.cross_entropy(logits, targets[keep])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(small.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if every and (step + 1) % every == 0:
+            print(step + 1, decoder_accuracy(export_decoder(small, vocab, config), n=300), flush=True)
+    return export_decoder(small, vocab, config)
+
+
+def export_decoder(small, vocab, config):
+    full = GPT(config)
+    state = small.state_dict()
+    wte = state["transformer.wte.weight"]  # (V_small, d)
+    big = wte[vocab.other].repeat(config.vocab_size, 1)  # every unused token: the shared row
+    big[torch.tensor(vocab.ids)] = wte[:vocab.other]
+    state["transformer.wte.weight"] = big
+    full.load_state_dict(state)
+    return full
+
+
+@torch.no_grad()
+def decoder_accuracy(gpt, n=400, seed=12345, hard=0.5):
+    """Accuracy (%) per question type of a decoder answering from the described scene, on fresh
+    scenes: the option with the highest logit after "The answer is". 'binding' = image questions
+    with more than one option present in the scene (the text must be read, not just scanned)."""
+    enc, rng = get_encoding(), random.Random(seed)
+    right, total = {}, {}
+    for _ in range(n):
+        scene = shapes.make_scene(rng, most=5)
+        qtype = rng.choice(shapes.QTYPES[:4])
+        asked = shapes._ask(rng, qtype, scene)
+        if asked is None:
+            continue
+        question, _, answer, pool = asked
+        values = [o["shape" if qtype != "colour" else "colour"] for o in scene["objects"]]
+        choices = _options(rng, answer, pool, values, hard)
+        prompt = build_prompt(question, shapes.describe(scene), choices) + " The answer is"
+        logits = gpt.lm_head(gpt.hidden(torch.tensor([enc.encode_ordinary(prompt)]))[0, -1])
+        pick = max(choices, key=lambda c: logits[enc.encode_ordinary(" " + c)[0]].item())
+        binding = qtype != "count" and sum(c in values for c in choices) > 1
+        for key in (qtype, "binding") if binding else (qtype,):
+            right[key] = right.get(key, 0) + (pick == answer)
+            total[key] = total.get(key, 0) + 1
+    return {k: round(100.0 * right[k] / total[k], 1) for k in total}
+
+
+# ----------------------------------------------------------------------------- the ViT
+
+def vit_data(n, image_size, grid, seed, progress=True):
+    """n fresh shapes scenes: pixels (n, 3, S, S), the shape in each grid cell (n, grid^2) with
+    0 = empty, 1.. = shapes.SHAPES, and the colour likewise (only ever used to probe)."""
+    rng = random.Random(seed)
+    pixels = torch.empty(n, 3, image_size, image_size)
+    shape_of, colour_of = torch.zeros(n, grid * grid, dtype=torch.long), torch.zeros(n, grid * grid, dtype=torch.long)
+    for i in tqdm(range(n), desc="draw scenes", disable=not progress, leave=False):
+        scene = shapes.make_scene(rng, grid, most=5)
+        pixels[i] = preprocess(shapes.draw(scene), image_size)
+        for o in scene["objects"]:
+            cell = o["row"] * grid + o["col"]
+            shape_of[i, cell] = 1 + shapes.SHAPES.index(o["shape"])
+            colour_of[i, cell] = 1 + list(shapes.COLOURS).index(o["colour"])
+    return pixels, shape_of, colour_of
+
+
+class ViTHeads(torch.nn.Module):
+    """The pretraining heads, thrown away afterwards: each last-layer patch token names the
+    shape in its cell (or none), the class token counts the objects."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.shape = torch.nn.Linear(width, 1 + len(shapes.SHAPES))
+        self.count = torch.nn.Linear(width, 6)  # 0..5 objects
+
+    def loss(self, last, shape_of):  # last: (B, 1 + P, D)
+        shape_loss = F.cross_entropy(self.shape(last[:, 1:]).flatten(0, 1), shape_of.flatten())
+        count_loss = F.cross_entropy(self.count(last[:, 0]), (shape_of > 0).sum(1))
+        return shape_loss + count_loss
+
+
+def train_vit(config: ViTConfig, recipe: ViTRecipe, seed=0, progress=True):
+    """A CLIP-shaped ViT trained on shapes images with shape and count labels (no questions)."""
+    torch.manual_seed(seed)
+    pixels, shape_of, _ = vit_data(recipe.images, config.image_size, config.grid, seed, progress)
+    vit, heads = ViT(config), ViTHeads(config.width)
+    params = list(vit.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=recipe.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(recipe.steps), desc="pretrain ViT", disable=not progress)
+    for step in bar:
+        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pick = torch.randint(recipe.images, (recipe.batch_size,), generator=gen)
+        loss = heads.loss(vit(pixels[pick])[-1], shape_of[pick])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return vit, heads
+
+
+def probe_vit(vit, n=1500, seed=54321, steps=300):
+    """Which ViT layer holds what: a linear probe per layer on patch tokens (colour and shape of
+    the cell's object, non-empty cells) and class tokens (count), fit on 2/3, accuracy (%) on 1/3."""
+    pixels, shape_of, colour_of = vit_data(n, vit.config.image_size, vit.config.grid, seed, progress=False)
+    with torch.no_grad():
+        hidden = vit(pixels)
+    split = 2 * n // 3
+    out = {}
+    for layer, h in enumerate(hidden):
+        row = {}
+        full = h[:, 1:]  # (n, P, D)
+        for name, labels in (("colour", colour_of), ("shape", shape_of)):
+            keep = labels > 0
+            x_tr, y_tr = full[:split][keep[:split]], labels[:split][keep[:split]]
+            x_te, y_te = full[split:][keep[split:]], labels[split:][keep[split:]]
+            row[name] = _probe(x_tr, y_tr, x_te, y_te, steps)
+        count = (shape_of > 0).sum(1)
+        row["count"] = _probe(h[:split, 0], count[:split], h[split:, 0], count[split:], steps)
+        out[f"h{layer}"] = row
+    return out
+
+
+def _probe(x_tr, y_tr, x_te, y_te, steps):
+    torch.manual_seed(0)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    head = torch.nn.Linear(x_tr.size(1), int(y_tr.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(head((x_tr - mean) / std), y_tr)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return round(100.0 * (head((x_te - mean) / std).argmax(1) == y_te).float().mean().item(), 1)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+VERSION = 1  # bump when the text, the labels or the loops change, so cached backbones are rebuilt
+
+
+def cache_path(kind, config, recipe, seed):
+    """Where a pretrained backbone is cached: the name carries a fingerprint of everything that
+    makes its weights, so a change to any of it makes a new file."""
+    key = json.dumps({"kind": kind, "config": asdict(config), "recipe": asdict(recipe), "seed": seed,
+                      "shapes": shapes.VERSION, "pretrain": VERSION}, sort_keys=True)
+    return cache_dir() / "tiny" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _cached(kind, config, recipe, seed, build, progress):
+    """Load a pretrained backbone's weights from the weights cache, or build them (minutes),
+    cache them and remove the stale ones of the same kind."""
+    path = cache_path(kind, config, recipe, seed)
+    folder = path.parent
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    print(f"pretraining the tiny {kind} (once; cached at {path})", flush=True)
+    state = build().state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves no half file under the real name
+    for stale in folder.glob(f"{kind}-*.pt"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return state
+
+
+def tiny_decoder(seed=0, recipe=None, config=None, progress=True) -> GPT:
+    """The offline decoder: GPTConfig.tiny() pretrained on shapes text (cached)."""
+    config, recipe = config or GPTConfig.tiny(), recipe or DecoderRecipe()
+    gpt = GPT(config)
+    gpt.load_state_dict(_cached("decoder", config, recipe, seed,
+                                lambda: train_decoder(config, recipe, seed, progress), progress))
+    return gpt
+
+
+def tiny_vit(seed=0, recipe=None, config=None, progress=True) -> ViT:
+    """The offline ViT: ViTConfig.tiny() pretrained on shapes images (cached)."""
+    config, recipe = config or ViTConfig.tiny(), recipe or ViTRecipe()
+    vit = ViT(config)
+    vit.load_state_dict(_cached("vit", config, recipe, seed,
+                                lambda: train_vit(config, recipe, seed, progress)[0], progress))
+    return vit
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain (or load from the cache) the offline tiny backbones, "
+                                            "and say what they learned.")
+    p.add_argument("--seed", type=int, default=0, help="the backbones' seed (train.py uses 0)")
+    p.add_argument("--probe", action="store_true", help="also measure the decoder on described scenes and "
+                                                        "probe each ViT layer for colour, shape and count")
+    args = p.parse_args(argv)
+    gpt, vit = tiny_decoder(args.seed), tiny_vit(args.seed)
+    print(f"decoder: {sum(p.numel() for p in gpt.parameters()):,} parameters; "
+          f"ViT: {sum(p.numel() for p in vit.parameters()):,}; cached under {cache_dir() / 'tiny'}")
+    if args.probe:
+        print("decoder, answering from the described scene (%):", decoder_accuracy(gpt, n=1000))
+        for layer, row in probe_vit(vit).items():
+            print(f"ViT {layer}: linear probe (%) {row}")
+
+
+if __name__ == "__main__":
+    main()

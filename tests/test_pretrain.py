@@ -1,0 +1,132 @@
+"""pretrain.py: the offline backbones' own pretraining, at very small sizes.
+
+The small-vocabulary trick is exact, the decoder's text asks what the fuser
+stage asks and answers it right, the loops are deterministic and learn, and
+the cache rebuilds when anything that makes the weights changes.
+"""
+import math
+import random
+
+import pytest
+import torch
+
+import pretrain
+from data import shapes
+from data.scienceqa import build_prompt
+from data.tokenizer import get_encoding
+from llm import GPT, GPTConfig
+from vit import ViTConfig
+
+SMALL_GPT = GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
+SMALL_VIT = ViTConfig(image_size=64, patch_size=16, width=32, layers=2, heads=2, mlp_width=64)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return pretrain.Vocab(n_docs=2000)
+
+
+def test_small_vocabulary_export_gives_the_same_probabilities(vocab):
+    """A softmax over the small vocabulary, the shared row's logit raised by log(n_other), is the
+    full 50257-way softmax of the exported GPT-2-shaped model."""
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(**{**SMALL_GPT.__dict__, "vocab_size": vocab.size}))
+    nn_init = torch.nn.init
+    nn_init.normal_(small.transformer.wte.weight, std=0.5)  # logits far from uniform
+    full = pretrain.export_decoder(small, vocab, SMALL_GPT).double()  # float64: a sum over 50257 logits
+    small = small.double()
+    text = "Question: What colour is the star?\nContext: N/A\nResponse: The answer is zebra."  # zebra: not in it
+    idx_full = torch.tensor([get_encoding().encode_ordinary(text)])
+    idx_small = torch.tensor([vocab.encode(text)])
+    assert vocab.other in idx_small[0].tolist()  # some token is outside the small vocabulary
+    with torch.no_grad():
+        offset = torch.zeros(vocab.size, dtype=torch.float64)
+        offset[vocab.other] = math.log(vocab.n_other)
+        p_small = torch.log_softmax(small.lm_head(small.hidden(idx_small)) + offset, -1)  # (1, T, V_small)
+        p_full = torch.log_softmax(full(idx_full)[0], -1)  # (1, T, 50257)
+    ids = torch.tensor(vocab.ids)
+    torch.testing.assert_close(p_full[..., ids], p_small[..., :vocab.other], atol=1e-10, rtol=0)
+    unused = torch.ones(p_full.size(-1), dtype=torch.bool)
+    unused[ids] = False
+    torch.testing.assert_close(p_full[..., unused].logsumexp(-1), p_small[..., vocab.other], atol=1e-10, rtol=0)
+
+
+def test_decoder_text_asks_the_fuser_stage_question_and_answers_it_right():
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(300):
+        segments = pretrain.decoder_document(rng)
+        first, target = segments[0][0], segments[1][0]
+        if first.startswith("A picture of"):
+            seen.add("caption")
+            continue
+        # the first question is in exactly the prompt format of the fuser stage
+        question = first.split("\n")[0].removeprefix("Question: ")
+        context = first.split("\nContext: ")[1].split("\n")[0]
+        options = [o.split(") ", 1)[1] for o in first.split("\nOptions: ")[1].split("\n")[0].split(" (")]
+        assert first == build_prompt(question, context, options)
+        answer = target.removeprefix(" The answer is ").removesuffix(".")
+        assert answer in options and not segments[0][1] and segments[1][1]  # loss on the answer only
+        if question.startswith("What colour is the ") and "in the box" not in question:
+            shape = question.removeprefix("What colour is the ").removesuffix("?")
+            assert f"a {answer} {shape} in row" in context  # the scene says so
+            seen.add("colour")
+        if question.startswith("Which shape is ") and " of " not in question and " the " not in question:
+            colour = question.removeprefix("Which shape is ").removesuffix("?")
+            assert f"a {colour} {answer} in row" in context
+            seen.add("shape")
+    assert seen == {"caption", "colour", "shape"}
+
+
+def test_decoder_pretraining_is_deterministic_and_learns(vocab):
+    recipe = pretrain.DecoderRecipe(steps=40, batch_size=8, lr=3e-3, warmup=5)
+    rng = random.Random(0)
+    held_out = [pretrain.decoder_batch(rng, vocab, recipe, SMALL_GPT.block_size) for _ in range(2)]
+
+    def loss(gpt):  # the answers' loss on held-out text, through the exported full-vocabulary model
+        with torch.no_grad():
+            return sum(gpt(torch.tensor([[vocab.ids[i] if i != vocab.other else 0 for i in row] for row in idx]),
+                           torch.where(y == -100, y, torch.tensor(vocab.ids + [0])[y.clamp(min=0)]))[1]
+                       for idx, y in held_out).item()
+
+    a = pretrain.train_decoder(SMALL_GPT, recipe, seed=1, progress=False)
+    b = pretrain.train_decoder(SMALL_GPT, recipe, seed=1, progress=False)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    untrained = pretrain.export_decoder(GPT(GPTConfig(**{**SMALL_GPT.__dict__, "vocab_size": vocab.size})),
+                                        vocab, SMALL_GPT)
+    assert loss(a) < 0.7 * loss(untrained)
+
+
+def test_vit_pretraining_is_deterministic_and_learns_its_labels():
+    recipe = pretrain.ViTRecipe(steps=30, batch_size=16, lr=3e-3, warmup=5, images=64)
+    vit, heads = pretrain.train_vit(SMALL_VIT, recipe, seed=2, progress=False)
+    again, _ = pretrain.train_vit(SMALL_VIT, recipe, seed=2, progress=False)
+    for (name, x), y in zip(vit.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(x, y), name
+    pixels, shape_of, _ = pretrain.vit_data(64, 64, 4, seed=2, progress=False)  # the very images it trained on
+    untrained = pretrain.ViTHeads(SMALL_VIT.width)
+    with torch.no_grad():
+        assert heads.loss(vit(pixels)[-1], shape_of) < 0.7 * untrained.loss(pretrain.ViT(SMALL_VIT)(pixels)[-1], shape_of)
+
+
+def test_cache_builds_once_and_rebuilds_on_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path))
+    recipe = pretrain.ViTRecipe(steps=2, batch_size=4, warmup=1, images=8)
+    first = pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)
+    files = list((tmp_path / "tiny").glob("vit-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    second = pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)  # from the cache
+    assert files[0].stat().st_mtime_ns == stamp
+    for x, y in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(x, y)
+    for changed in (dict(recipe=pretrain.ViTRecipe(steps=3, batch_size=4, warmup=1, images=8)),
+                    dict(recipe=recipe, seed=1)):
+        pretrain.tiny_vit(config=SMALL_VIT, progress=False, **changed)
+        now = list((tmp_path / "tiny").glob("vit-*.pt"))
+        assert len(now) == 1 and now[0] != files[0]  # a new fingerprint; the stale file is gone
+        files = now
+    monkeypatch.setattr(shapes, "VERSION", shapes.VERSION + 1)  # a new shapes generator: rebuilt too
+    pretrain.tiny_vit(recipe=recipe, seed=1, config=SMALL_VIT, progress=False)
+    assert list((tmp_path / "tiny").glob("vit-*.pt")) != files
