@@ -49,14 +49,15 @@ from weights import cache_dir
 
 @dataclass
 class DecoderRecipe:
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    questions: int = 4  # questions asked about each described scene (the first in the exact prompt format)
-    hard: float = 0.5  # share of image questions whose wrong options are drawn from the scene first
-    lookups: int = 0  # short look-ups after the questions ("star: red"), a dense signal for reading the scene
+    questions: int = 2  # questions asked about each described scene (the first in the exact prompt format)
+    hard: float = 1.0  # share of image questions whose wrong options are drawn from the scene first
+    lookups: int = 6  # short look-ups after the questions ("star: red"), a dense signal for reading the scene
+    text: float = 0.25  # share of documents that are a text-only question (the fact in the hint or the question)
 
 
 @dataclass
@@ -83,14 +84,14 @@ def _options(rng, answer, pool, scene_values, hard):
     return choices
 
 
-def decoder_document(rng, hard=0.5, questions=4, lookups=0):
+def decoder_document(rng, hard=1.0, questions=2, lookups=6, text=0.25):
     """One training text as (segments): [(text, has_loss), ...]. Either a described scene followed by
     `questions` questions about it, a text-only question, or a caption."""
     roll = rng.random()
     if roll < 0.1:  # a caption, as the fuser stage asks for one: "A picture of ..."
         scene = shapes.make_scene(rng)
         return [("A picture of", False), (" " + rng.choice(shapes.caption(scene)), True)]
-    if roll < 0.2:  # a text-only question (ScienceQA's TXT and NO)
+    if roll < 0.1 + text:  # a text-only question (ScienceQA's TXT and NO)
         question, hint, answer, pool = shapes._ask_text(rng, rng.random() < 0.5)
         choices = _options(rng, answer, pool, [], 0.0)
         return [(build_prompt(question, hint, choices), False), (f" The answer is {answer}.", True)]
@@ -156,7 +157,7 @@ def decoder_batch(rng, vocab, recipe, block_size):
     rows = []
     for _ in range(recipe.batch_size):
         tokens, targets = [], []
-        for text, has_loss in decoder_document(rng, recipe.hard, recipe.questions, recipe.lookups):
+        for text, has_loss in decoder_document(rng, recipe.hard, recipe.questions, recipe.lookups, recipe.text):
             ids = vocab.encode(text)
             tokens += ids
             targets += ids if has_loss else [-100] * len(ids)
@@ -223,18 +224,20 @@ def decoder_accuracy(gpt, n=400, seed=12345, hard=0.5):
     enc, rng = get_encoding(), random.Random(seed)
     right, total = {}, {}
     for _ in range(n):
-        scene = shapes.make_scene(rng, most=5)
-        qtype = rng.choice(shapes.QTYPES[:4])
-        asked = shapes._ask(rng, qtype, scene)
-        if asked is None:
+        scene, qtype = shapes.make_scene(rng, most=5), rng.choice(shapes.QTYPES)
+        if qtype == "text":
+            question, hint, answer, pool = shapes._ask_text(rng, rng.random() < 0.5)
+            values = []
+        elif asked := shapes._ask(rng, qtype, scene):
+            question, _, answer, pool = asked
+            hint, values = shapes.describe(scene), [o["colour" if qtype == "colour" else "shape"] for o in scene["objects"]]
+        else:
             continue
-        question, _, answer, pool = asked
-        values = [o["shape" if qtype != "colour" else "colour"] for o in scene["objects"]]
         choices = _options(rng, answer, pool, values, hard)
-        prompt = build_prompt(question, shapes.describe(scene), choices) + " The answer is"
+        prompt = build_prompt(question, hint, choices) + " The answer is"
         logits = gpt.lm_head(gpt.hidden(torch.tensor([enc.encode_ordinary(prompt)]))[0, -1])
         pick = max(choices, key=lambda c: logits[enc.encode_ordinary(" " + c)[0]].item())
-        binding = qtype != "count" and sum(c in values for c in choices) > 1
+        binding = qtype in ("colour", "shape", "position") and sum(c in values for c in choices) > 1
         for key in (qtype, "binding") if binding else (qtype,):
             right[key] = right.get(key, 0) + (pick == answer)
             total[key] = total.get(key, 0) + 1

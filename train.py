@@ -47,7 +47,7 @@ from weights import CheckpointError
 #              epochs, blr 9e-3, weight decay 0.02) and its train.py (betas (0.9, 0.95), min_lr 0, no clipping)
 #   shapes:    chosen for a CPU run of minutes (README, "Results"); min_lr lr / 10, the gates' lr 10 x lr
 DEFAULTS = {
-    "shapes": dict(answer="text", loss="lm", lr=3e-3, gate_lr_x=10, warmup=50, epochs=4.0,
+    "shapes": dict(answer="text", loss="lm", lr=6e-3, gate_lr_x=10, warmup=50, epochs=2.5,
                    weight_decay=0.01, beta1=0.9, beta2=0.99, grad_clip=1.0),
     "scienceqa": dict(answer="letter", loss="lm", blr=9e-3, warmup_epochs=2.0, epochs=20.0,
                       weight_decay=0.02, beta1=0.9, beta2=0.95, min_lr=0.0, grad_clip=0.0),

@@ -200,7 +200,7 @@ def test_defaults_per_dataset(monkeypatch):
     assert (coco.epochs, coco.warmup_epochs, coco.weight_decay, coco.beta2) == (5, 0.1, 0.02, 0.95)
     shp = train.get_args([])
     assert (shp.lr, shp.gate_lr, shp.min_lr, shp.warmup, shp.epochs, shp.beta2, shp.grad_clip, shp.answer) == \
-        (3e-3, pytest.approx(3e-2), pytest.approx(3e-4), 50, 4, 0.99, 1.0, "text")
+        (6e-3, pytest.approx(6e-2), pytest.approx(6e-4), 50, 2.5, 0.99, 1.0, "text")
     assert train.get_args(["--warmup_epochs", "1"]).warmup is None  # given in epochs: no step count from the table
     monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun: the global batch is 4 x 32
     assert train.get_args(["--dataset", "scienceqa"]).lr == pytest.approx(9e-3 * 128 / 256)
