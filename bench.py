@@ -1,10 +1,11 @@
 """Speed and memory of the fusion modes side by side (issue 6).
 
 DEHVF keeps the sequence text-only (the image enters the decoder's FFNs), where
-`prefix` (LLaVA-style) makes it 197 positions longer for a ViT-B/16. This measures
-what that buys against baselines implemented as well as our own mode: every mode
-runs the LM head only at the target positions, on contiguous rows (GPT.head), and
-prefix uses the same SDPA kernel and the 197 visual tokens it trains with.
+`prefix` (LLaVA-style) makes it 196 positions longer for a ViT-B/16 (its patch tokens,
+no class token, as LLaVA feeds them). This measures what that buys against baselines
+implemented as well as our own mode: every mode runs the LM head only at the target
+positions, on contiguous rows (GPT.head), and prefix uses the same SDPA kernel and
+the 196 visual tokens it trains with.
 
 All modes share one frozen ViT and one frozen GPT (default "random": GPT-2 124M and
 CLIP ViT-B/16 shapes, random weights, nothing to download). After a discarded
@@ -257,7 +258,7 @@ def main(argv=None):
         vision, gpt = backbones(args.llm, args.vit)
     except (CheckpointError, OSError) as e:
         sys.exit(f"bench.py: {e}")
-    longest = max(*Ts, args.decode_prompt + args.new_tokens) + (vision.config.grid ** 2 + 1) * ("prefix" in modes)
+    longest = max(*Ts, args.decode_prompt + args.new_tokens) + vision.config.grid ** 2 * ("prefix" in modes)
     if longest > gpt.config.block_size:
         sys.exit(f"bench.py: {longest} positions exceed the decoder's context of {gpt.config.block_size}")
     models = {mode: VLM(vision, gpt, mode).to(device) for mode in modes}

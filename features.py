@@ -6,8 +6,8 @@ computes them once, in a pre-pass, and afterwards never opens an image or runs
 the ViT again. The cache lives in out_dir as an fp16 memory-mapped file named
 by a fingerprint of everything the features depend on: the image files (path,
 size, modification time), the ViT's weights, the mode, the fuser's layers and
-pooling. Anything else gives another fingerprint, so a stale cache is rebuilt,
-never silently reused.
+pooling, and the layout of the features (FORMAT). Anything else gives another
+fingerprint, so a stale cache is rebuilt, never silently reused.
 """
 import hashlib
 import json
@@ -19,11 +19,14 @@ from tqdm import tqdm
 
 from data.batch import load_image
 
+FORMAT = 2  # 2: prefix's tokens are the patches only (no class token); pooling may overhang the grid
+
 
 def fingerprint(model, paths):
     h = hashlib.sha256()
     fuser = getattr(model, "fuser", None)
-    h.update(json.dumps([model.mode, fuser.layers if fuser else None, fuser.config.pool if fuser else None]).encode())
+    fuser_args = [fuser.layers, fuser.config.pool] if fuser else None
+    h.update(json.dumps([FORMAT, model.mode, fuser_args]).encode())
     for name, tensor in model.vit.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -61,7 +64,8 @@ class FeatureCache:
             self.store = np.load(file, mmap_mode="r")
 
     def __call__(self, paths, device):
-        """Features of a batch, given its image paths (None = no image, zeros); None if no images at all."""
+        """Features of a batch, given its image paths; None if no example has an image. A path
+        None (no image) gets some image's features as a placeholder: the model reads none of them."""
         if self.store is None:
             return None
         rows = [self.row[p] if p is not None else 0 for p in paths]

@@ -5,7 +5,9 @@ For one batch of images and every decoder layer l:
 
 1. Visual tokens per ViT layer. Patch tokens of each selected ViT layer k are
    average-pooled on their 2-D grid (the class token kept) and normalised by
-   that layer's own LayerNorm: F_k, (B, N, D_v) with N = 1 + P / pool^2.
+   that layer's own LayerNorm: F_k, (B, N, D_v) with N = 1 + ceil(g / pool)^2
+   for a g x g grid (a grid that pool does not divide, as ViT-B/32's 7 x 7,
+   gets smaller blocks at its right and bottom edges).
    Computed once per image (`pool_features`, cacheable) and normalised per batch.
 2. Dynamic selection. g_l = mean of LN(x_l) over the prompt tokens entering
    decoder layer l; a_l = softmax(W_sel g_l + e_l) over the K ViT layers.
@@ -18,9 +20,12 @@ For one batch of images and every decoder layer l:
    1/sqrt(d) keeps the memory scores x @ K^T at the scale of attention scores.
    gamma_l starts at 0: at step 0 the model is exactly the frozen GPT, and the
    first gradient reaches the gates (they sit on the values only: gelu(0) = 0
-   would give gates on the keys a zero gradient).
-6. Injection. (K_l, V_l, slot_mask) go into decoder layer l's FFN (llm.py),
-   through the function returned by `memory`.
+   would give gates on the keys a zero gradient). p_k and p_v both start small
+   and random, so even a batch without images gives the gates a gradient.
+6. Injection. (K_l, V_l) go into decoder layer l's FFN (llm.py), through the
+   function returned by `memory`. A sample without an image has Z_l = 0: its
+   learned slots p_k, p_v act alone, as MemVP's do, so text-only problems
+   train the fuser too.
 
 `static` mode drops W_sel g_l (a per-layer learned mix only); `memvp` mode is
 K = 1, the penultimate ViT layer, fed to every decoder layer.
@@ -48,10 +53,12 @@ class HierarchicalFuser(nn.Module):
         super().__init__()
         self.config = config
         self.layers = list(config.vit_layers or range(1, vit_config.layers + 1))
-        assert all(1 <= k <= vit_config.layers for k in self.layers), f"ViT layers must be in 1..{vit_config.layers}"
-        assert vit_config.grid % config.pool == 0, f"pool {config.pool} must divide the {vit_config.grid}-patch grid"
+        if not all(1 <= k <= vit_config.layers for k in self.layers):
+            raise ValueError(f"fuser ViT layers {self.layers}: each must be in 1..{vit_config.layers}")
+        if config.pool < 1:
+            raise ValueError(f"fuser pool must be at least 1, not {config.pool}")
         K, D_v, d, L = len(self.layers), vit_config.width, gpt_config.n_embd, gpt_config.n_layer
-        N = 1 + (vit_config.grid // config.pool) ** 2
+        N = 1 + math.ceil(vit_config.grid / config.pool) ** 2  # the class token + the pooled grid
         self.norms = nn.ModuleList([nn.LayerNorm(D_v) for _ in range(K)])  # LN_k, one per ViT layer
         self.layer_bias = self.select = None  # with one ViT layer (memvp) there is nothing to choose
         if K > 1:
@@ -63,7 +70,7 @@ class HierarchicalFuser(nn.Module):
         self.down = nn.Linear(D_v, config.rank)  # P = up(gelu(down(.)))
         self.up = nn.Linear(config.rank, d)
         self.slot_key = nn.Parameter(torch.randn(N, d) * 0.02)  # p_k
-        self.slot_value = nn.Parameter(torch.zeros(N, d))  # p_v
+        self.slot_value = nn.Parameter(torch.randn(N, d) * 0.02)  # p_v
         self.gate = nn.Parameter(torch.zeros(L, d if config.gate == "vector" else 1))  # gamma_l
         self.selection = None  # (B, L, K): the mix a of the last batch, for pictures and analysis
 
@@ -76,20 +83,24 @@ class HierarchicalFuser(nn.Module):
             B, T, D = h.shape
             g = math.isqrt(T - 1)
             patches = h[:, 1:].transpose(1, 2).reshape(B, D, g, g)  # (B, D_v, g, g)
-            patches = F.avg_pool2d(patches, self.config.pool).flatten(2).transpose(1, 2)  # (B, P / pool^2, D_v)
+            # ceil_mode: a last row/column of blocks that overhangs the grid averages the patches it covers
+            patches = F.avg_pool2d(patches, self.config.pool, ceil_mode=True)  # (B, D_v, g', g'), g' = ceil(g / pool)
+            patches = patches.flatten(2).transpose(1, 2)  # (B, g'^2, D_v)
             pooled.append(torch.cat([h[:, :1], patches], dim=1))  # (B, N, D_v)
         return torch.stack(pooled, dim=1)
 
     def memory(self, pooled, prompt_mask, has_image):
-        """The function llm.py's blocks call: memory(layer, x) -> (K_l, V_l, slot_mask).
-        pooled: (B, K, N, D_v); prompt_mask: (B, T) bool; has_image: (B,) bool.
+        """The function llm.py's blocks call: memory(layer, x) -> (K_l, V_l).
+        pooled: (B, K, N, D_v), or None when no sample has an image; prompt_mask: (B, T) bool;
+        has_image: (B,) bool, False = Z_l = 0 for that sample, its learned slots p_k, p_v alone.
         Each layer's slots are computed on the first call (the prefill) and reused after."""
+        B, K, (N, d) = prompt_mask.size(0), len(self.layers), self.slot_key.shape
+        if pooled is None:  # zeros stand in: every weight takes part as in any batch (DDP needs that)
+            pooled = self.slot_key.new_zeros(B, K, N, self.norms[0].normalized_shape[0])
         feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # (B, K, N, D_v)
         # P's first map is linear and the mix sums to 1, so down(sum_k a_k F_k) = sum_k a_k down(F_k):
         # project each ViT layer once here instead of once per decoder layer
         feats = self.down(feats)  # (B, K, N, r)
-        B, K, N, _ = feats.shape
-        slot_mask = has_image[:, None].expand(B, N)  # (B, N): no image -> no slots -> text-only
         weights = prompt_mask.float() / prompt_mask.sum(1, keepdim=True).clamp(min=1)  # (B, T) mean over prompt
         self.selection = feats.new_zeros(B, self.gate.size(0), K)
         slots = {}
@@ -105,9 +116,10 @@ class HierarchicalFuser(nn.Module):
                     a = scores.softmax(dim=-1)
                 self.selection[:, layer] = a.detach()
                 z = self.up(F.gelu(torch.einsum("bk,bknr->bnr", a, feats)))  # (B, N, d)
-                keys = (z + self.slot_key) / math.sqrt(z.size(-1))
+                z = torch.where(has_image[:, None, None], z, 0.0)  # no image: Z_l = 0, the slots act alone
+                keys = (z + self.slot_key) / math.sqrt(d)
                 values = self.gate[layer] * (z + self.slot_value)
-                slots[layer] = (keys, values, slot_mask)
+                slots[layer] = (keys, values)
             return slots[layer]
 
         return memory

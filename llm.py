@@ -5,12 +5,12 @@ names as in the public checkpoint, so `from_pretrained` is a loop over keys),
 with two additions the rest of the code needs:
 
 - a KV cache, so generating one more token costs one token;
-- `memory`: a function `memory(layer, x) -> (K, V, slot_mask) or None` that
-  block `layer` calls with the residual stream `x` entering it. The returned
-  N visual slots are appended to that block's FFN hidden units (DESIGN.md
-  section 3): mlp(x) = c_proj(gelu(c_fc(x))) + gelu(x @ K^T) @ V, with masked
-  slots contributing exactly 0. `fuser.py` provides the function; this file
-  knows nothing about images. With memory=None this is bit-for-bit GPT-2.
+- `memory`: a function `memory(layer, x) -> (K, V) or None` that block
+  `layer` calls with the residual stream `x` entering it. The returned N
+  visual slots are appended to that block's FFN hidden units (DESIGN.md
+  section 3): mlp(x) = c_proj(gelu(c_fc(x))) + gelu(x @ K^T) @ V. `fuser.py`
+  provides the function; this file knows nothing about images. With
+  memory=None this is bit-for-bit GPT-2.
 
 `prefix` (LLaVA-style input embeddings put before the text) is the other way
 in, used only by the `prefix` baseline mode.
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, copy_state, hf_checkpoint
+from weights import CheckpointError, copy_state, hf_checkpoint, read_config
 
 PUBLIC = {  # public name -> Hugging Face repository
     "gpt2": "openai-community/gpt2",
@@ -102,10 +102,8 @@ class MLP(nn.Module):
     def forward(self, x, memory=None):  # x: (B, T, d), already layer-normed
         y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
         if memory is not None:
-            K, V, slot_mask = memory  # (B, N, d), (B, N, d), (B, N) bool
-            hidden = F.gelu(x @ K.transpose(1, 2), approximate="tanh")  # (B, T, N)
-            hidden = hidden * slot_mask[:, None, :].to(hidden.dtype)  # masked slots -> exactly 0
-            y = y + hidden @ V  # (B, T, d)
+            K, V = memory  # (B, N, d) each
+            y = y + F.gelu(x @ K.transpose(1, 2), approximate="tanh") @ V  # (B, T, N) @ (B, N, d)
         return y
 
 
@@ -210,7 +208,7 @@ class GPT(nn.Module):
         """GPT-2 from a public name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local
         Hugging Face checkpoint directory, or a weights file."""
         repo = PUBLIC.get(name_or_path) if not Path(name_or_path).exists() else None
-        state, hf_config = hf_checkpoint(name_or_path, repo)
+        state, hf_config, config_file = hf_checkpoint(name_or_path, repo)
         if hf_config is not None and hf_config.get("model_type", "gpt2") != "gpt2":
             raise CheckpointError(f"{name_or_path} is a {hf_config['model_type']} checkpoint, not GPT-2")
         # Hugging Face names, with or without the "transformer." of GPT2LMHeadModel
@@ -219,18 +217,16 @@ class GPT(nn.Module):
                  if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
         if "wte.weight" not in state or "wpe.weight" not in state:
             raise CheckpointError(f"{name_or_path} is not a GPT-2 checkpoint (no wte/wpe weights)")
-        hf_config = hf_config or {}
-        n_embd = state["wte.weight"].shape[1]
-        config = GPTConfig(
-            block_size=state["wpe.weight"].shape[0],
-            vocab_size=state["wte.weight"].shape[0],
-            n_layer=len({k.split(".")[1] for k in state if k.startswith("h.")}),
-            n_head=hf_config.get("n_head", n_embd // 64),
-            n_embd=n_embd,
-            layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-        )
-        if hf_config.get("activation_function", "gelu_new") != "gelu_new":
-            raise CheckpointError(f"{name_or_path} uses {hf_config['activation_function']}, not gelu_new")
+        # every size from config.json (copy_state then checks the weights against them)
+        config = GPTConfig(**read_config(hf_config, config_file, dict(
+            block_size=("n_positions", "n_ctx"), vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
+            n_embd="n_embd", layer_norm_eps="layer_norm_epsilon"), GPTConfig))
+        if config.n_embd % config.n_head:
+            raise CheckpointError(f"{config_file}: n_head {config.n_head} does not divide n_embd {config.n_embd}")
+        for key, ours in (("activation_function", "gelu_new"), ("scale_attn_weights", True),
+                          ("scale_attn_by_inverse_layer_idx", False)):  # GPT-2's, and Hugging Face's defaults
+            if hf_config.get(key, ours) != ours:
+                raise CheckpointError(f"{config_file}: {key} is {hf_config[key]!r}; only GPT-2's {ours!r} is supported")
         model = cls(config)
         state = {"transformer." + k: v for k, v in state.items()}
         # GPT-2 stores these as Conv1D, (in, out): nn.Linear wants (out, in)

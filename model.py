@@ -8,7 +8,7 @@ Fusion modes (DESIGN.md section 4), one flag, the same code path where possible:
     dehvf   the method: per-layer dynamic mix of all ViT layers, as FFN memory
     static  the mix is a learned per-layer constant (no look at the text)
     memvp   one ViT layer (the penultimate) into every decoder layer (MemVP)
-    prefix  LLaVA-style: projected penultimate-layer tokens put before the text
+    prefix  LLaVA-style: projected penultimate-layer patch tokens put before the text
     none    text only, the image is ignored (the ablation)
 
 Only the fuser (or prefix's projector) trains unless `freeze` says otherwise.
@@ -57,7 +57,7 @@ class VLM(nn.Module):
     @property
     def block_size(self):
         """Text tokens that fit the decoder's context: prefix mode's visual tokens take their share."""
-        return self.gpt.config.block_size - (1 + self.vit.config.grid ** 2 if self.mode == "prefix" else 0)
+        return self.gpt.config.block_size - (self.vit.config.grid ** 2 if self.mode == "prefix" else 0)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -67,27 +67,28 @@ class VLM(nn.Module):
 
     def features(self, images):
         """What the fusion consumes from each image: the fuser's pooled ViT layers (B, K, N, D_v),
-        or prefix's penultimate-layer tokens (B, 1 + P, D_v). With a frozen ViT they are the same
-        every epoch, so train.py can cache them."""
+        or prefix's penultimate-layer patch tokens (B, P, D_v), without the class token, as LLaVA
+        feeds them. With a frozen ViT they are the same every epoch, so train.py can cache them."""
         if self.mode == "none":
             return None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vit_trains):
             if self.mode == "prefix":
-                return self.vit(images, upto=self.penultimate)[-1]
+                return self.vit(images, upto=self.penultimate)[-1][:, 1:]
             return self.fuser.pool_features(self.vit(images, upto=max(self.fuser.layers)))
 
     def hidden(self, images, idx, prompt_mask=None, has_image=None, features=None):
         """Final hidden states of the text, (B, T, d). images: (B, 3, S, S); idx: (B, T);
         prompt_mask: (B, T) bool, the tokens the fuser's selector may read (default: all);
-        has_image: (B,) bool, False = that sample is text-only (default: all True)."""
+        has_image: (B,) bool, False = that sample has no image (default: all True): in the memory
+        modes its learned slots act alone (Z = 0), in prefix mode it gets no prefix."""
         B, T = idx.shape
         has_image = torch.ones(B, dtype=torch.bool, device=idx.device) if has_image is None else has_image
-        if self.mode == "none" or not has_image.any():
+        if self.mode == "none" or (self.mode == "prefix" and not has_image.any()):
             return self.gpt.hidden(idx)
-        if features is None:
+        if features is None and has_image.any():  # a batch without images needs no ViT
             features = self.features(images)
         if self.mode == "prefix":
-            prefix = self.projector(features)  # (B, 1 + P, d)
+            prefix = self.projector(features)  # (B, P, d)
             if has_image.all():
                 return self.gpt.hidden(idx, prefix=prefix)
             # text-only samples must see no prefix and keep positions 0..T-1: run them apart
@@ -110,16 +111,24 @@ class VLM(nn.Module):
         computed once, at prefill, and reused for each new token."""
         B = prompt_idx.size(0)
         has_image = torch.ones(B, dtype=torch.bool, device=prompt_idx.device) if has_image is None else has_image
-        memory = prefix = None
-        if self.mode != "none" and has_image.any():
-            features = self.features(images) if features is None else features
-            if self.mode == "prefix":
-                assert has_image.all(), "prefix mode generates for image batches only"
-                prefix = self.projector(features)
-            else:
-                prompt_mask = torch.ones_like(prompt_idx, dtype=torch.bool)
-                memory = self.fuser.memory(features, prompt_mask, has_image)
-        return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, memory, prefix, use_cache)
+        if self.mode == "none" or (self.mode == "prefix" and not has_image.any()):
+            return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, use_cache=use_cache)
+        if features is None and has_image.any():
+            features = self.features(images)
+        if self.mode == "prefix":
+            prefix = self.projector(features)  # (B, P, d)
+            if has_image.all():
+                return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, prefix=prefix,
+                                         use_cache=use_cache)
+            # as in hidden: the samples with an image and those without run apart
+            out = prompt_idx.new_empty(B, prompt_idx.size(1) + max_new_tokens)
+            out[has_image] = self.gpt.generate(prompt_idx[has_image], max_new_tokens, temperature, top_k,
+                                               prefix=prefix[has_image], use_cache=use_cache)
+            out[~has_image] = self.gpt.generate(prompt_idx[~has_image], max_new_tokens, temperature, top_k,
+                                                use_cache=use_cache)
+            return out
+        memory = self.fuser.memory(features, torch.ones_like(prompt_idx, dtype=torch.bool), has_image)
+        return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, memory, use_cache=use_cache)
 
 
 # ----------------------------------------------------------------------------- building and checkpoints

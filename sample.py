@@ -29,6 +29,27 @@ from vit import preprocess
 from weights import CheckpointError
 
 
+def number(kind, ok, rule):
+    """An argparse type: text -> kind, refused with `rule` unless ok(value)."""
+    def parse(text):
+        value = kind(text)  # a ValueError here: argparse's "invalid ... value"
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's message names it
+    return parse
+
+
+def device(text):
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count() or d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: no such device here (use --device cpu)")
+    return text
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
@@ -40,31 +61,44 @@ def get_args(argv=None):
     a("--checkpoint", default="out/best.pt", help="written by train.py")
     a("--answer", default=None, choices=["letter", "text"],
       help="options scored as ' A' or as ' red' (default: as the checkpoint was trained)")
-    a("--max_new_tokens", type=int, default=30, help="generation length (stops early at end of text)")
-    a("--temperature", type=float, default=0.0, help="0 = greedy")
-    a("--top_k", type=int, default=None, help="sample among the k likeliest tokens only (temperature > 0)")
-    a("--seed", type=int, default=1337, help="for sampling")
+    a("--max_new_tokens", type=number(int, lambda n: n >= 1, "must be at least 1"), default=30,
+      help="generation length (stops early at end of text)")
+    a("--temperature", type=number(float, lambda t: t == 0 or 1e-3 <= t < float("inf"),
+                                   "must be 0 (greedy) or from 0.001 (smaller is greedy in effect) to finite"),
+      default=0.0, help="0 = greedy")
+    a("--top_k", type=number(int, lambda k: k >= 1, "must be at least 1"), default=None,
+      help="sample among the k likeliest tokens only (temperature > 0)")
+    a("--seed", type=number(int, lambda n: 0 <= n < 2 ** 63, "must be from 0 to 2**63 - 1"), default=1337,
+      help="for sampling")
     a("--show_fusion", default=None, metavar="PNG", help="save the fuser's ViT-layer mix as a heat map")
     a("--mix_by_type", default=None, metavar="PREFIX", help="instead of one image: the mean mix over ViT "
       "layers per shapes question type on 40 validation questions each, saved as PREFIX-<type>.png")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    a("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     if (args.image is None) == (args.mix_by_type is None):
-        raise ValueError("give --image (one image) or --mix_by_type (shapes validation questions)")
+        p.error("give --image (one image) or --mix_by_type (shapes validation questions)")
     if (args.question is None) != (args.options is None):
-        raise ValueError("--question and --options go together")
+        p.error("--question and --options go together")
+    if args.question is not None and not args.question.strip():
+        p.error("--question is empty")
+    if args.question is None and not args.prompt:
+        p.error("--prompt is empty")
     if args.options is not None:
         args.options = [o.strip() for o in args.options.split(",")]
         if not 2 <= len(args.options) <= 26 or not all(args.options):
-            raise ValueError(f"--options needs 2 to 26 non-empty options separated by commas, got {len(args.options)}")
-    if args.show_fusion and not os.path.isdir(os.path.dirname(os.path.abspath(args.show_fusion))):
-        raise ValueError(f"--show_fusion {args.show_fusion}: its folder does not exist")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (use --device cpu)")
-    if not (0 <= args.temperature < float("inf")):
-        raise ValueError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1 or args.max_new_tokens < 1:
-        raise ValueError("--top_k and --max_new_tokens must be at least 1")
+            p.error(f"--options needs 2 to 26 non-empty options separated by commas, got {len(args.options)}")
+        if len(set(args.options)) < len(args.options):
+            p.error(f"--options: each option must differ, got {', '.join(args.options)}")
+    mix_file = args.mix_by_type and f"{args.mix_by_type}-colour.png"  # (its four files share a folder)
+    outputs = {"--show_fusion": args.show_fusion, "--mix_by_type": mix_file}
+    for flag, out in outputs.items():  # never a folder, never one of the inputs
+        if out is None:
+            continue
+        if not out or os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            p.error(f"{flag} {out!r}: name a PNG file in a folder that exists")
+        inputs = [f for f in (args.image, args.checkpoint) if f and os.path.exists(f)]
+        if os.path.exists(out) and any(os.path.samefile(f, out) for f in inputs):
+            p.error(f"{flag} {out} is an input (--image or --checkpoint); name a new file")
     return args
 
 
@@ -86,11 +120,7 @@ def answer_question(model, args, answer_format, enc):
 def continue_prompt(model, image, args, enc):
     """Generate after --prompt, stop at the end-of-text token, print prompt + continuation."""
     ids = enc.encode_ordinary(args.prompt)
-    if not ids:
-        raise ValueError("--prompt is empty")
     room = model.block_size + 1 - args.max_new_tokens  # the last new token is never fed back
-    if room < 1:
-        raise ValueError(f"--max_new_tokens must be at most {model.block_size}, the model's context")
     if len(ids) > room:
         warnings.warn(f"the prompt's {len(ids)} tokens are cut from the left to {room}, leaving room "
                       f"for --max_new_tokens {args.max_new_tokens} in a context of {model.block_size}")
@@ -125,19 +155,26 @@ def save_fusion(selection, vit_layers, path, title):
             d.text((x + cw / 2 - 1, y + ch / 2 - 1), f"{w:.2f}", font=small, anchor="mm",
                    fill="white" if w > 0.5 else "black")  # shade: 0 white, 1 dark blue
     tmp = f"{path}.tmp{os.getpid()}"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)  # atomic: never half a picture at path
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)  # atomic: never half a picture at path
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def mix_by_type(model, trained, args, enc, per_type=40):
     """The fuser's mix averaged over validation questions of each shapes type: does the decoder
     read other ViT layers for colour than for counting? One heat map per type, and a line each."""
     if trained.get("dataset") != "shapes" or not hasattr(model, "fuser"):
-        raise ValueError("--mix_by_type needs a checkpoint trained on shapes in a mode with a fuser")
+        raise CheckpointError(f"--mix_by_type needs a checkpoint trained on shapes in a mode with a fuser; "
+                              f"{args.checkpoint} is not one")
     questions = [ex for ex in load_scienceqa(trained["data_dir"], "val", trained["answer"]) if ex.image]
     transform = lambda img: preprocess(img, model.vit.config.image_size)
     for qtype in ("colour", "shape", "count", "position"):
         chosen = [ex for ex in questions if ex.meta["qtype"] == qtype][:per_type]
+        if not chosen:
+            continue
         score_choices(model, to_device(choice_batch(chosen, enc, transform, model.block_size), args.device))
         mix = model.fuser.selection.float().mean(0).cpu()  # (L, K): decoder layer x ViT layer
         path = f"{args.mix_by_type}-{qtype}.png"
@@ -150,20 +187,25 @@ def mix_by_type(model, trained, args, enc, per_type=40):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.mix_by_type:
-        ckpt = vlm.load_checkpoint(args.checkpoint)
-        model = vlm.from_checkpoint(ckpt).to(args.device).eval()
-        with torch.no_grad():
-            return mix_by_type(model, ckpt.get("train_args") or {}, args, get_encoding())
-    if not os.path.isfile(args.image):
-        raise DataError(f"no image file at {args.image}")
-    image = load_image(args.image, "--image")  # a bad image fails here, before the model loads
+    if args.image is not None and not os.path.isfile(args.image):  # (a folder or a pipe would not do either)
+        raise DataError(f"no image file at {args.image}" + (" (it is a folder)" if os.path.isdir(args.image) else ""))
+    image = args.image and load_image(args.image, "--image")  # a bad image fails here, before the model loads
     ckpt = vlm.load_checkpoint(args.checkpoint)
     trained = ckpt.get("train_args") or {}
-    model = vlm.from_checkpoint(ckpt).to(args.device).eval()
+    model = vlm.from_checkpoint(ckpt)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(f"{args.checkpoint} holds NaN or infinite weights ({bad[0]}, {len(bad)} tensors in all): "
+                              f"the run that saved it diverged; use an earlier checkpoint")
+    model = model.to(args.device).eval()
+    if args.mix_by_type:
+        with torch.no_grad():
+            return mix_by_type(model, trained, args, get_encoding())
     if args.show_fusion and not hasattr(model, "fuser"):
-        raise ValueError(f"--show_fusion needs a mode with a fuser (dehvf, static, memvp); "
-                         f"{args.checkpoint} is mode '{model.mode}'")
+        sys.exit(f"error: --show_fusion needs a mode with a fuser (dehvf, static, memvp); "
+                 f"{args.checkpoint} is mode '{model.mode}'")
+    if args.question is None and args.max_new_tokens > model.block_size:
+        sys.exit(f"error: --max_new_tokens must be at most {model.block_size}, the model's context")
     enc = get_encoding()
     torch.manual_seed(args.seed)
     with torch.no_grad():
@@ -176,8 +218,11 @@ def main(argv=None):
             continue_prompt(model, image, args, enc)
     if args.show_fusion:
         text = f"Q: {args.question}" if args.question is not None else f"prompt: {args.prompt}"
-        save_fusion(model.fuser.selection[0].float().cpu(), model.fuser.layers, args.show_fusion,
-                    (f"{model.mode}: mix over ViT layers per decoder layer", f"{os.path.basename(args.image)}  {text}"))
+        title = f"{model.mode}: mix over ViT layers per decoder layer", f"{os.path.basename(args.image)}  {text}"
+        try:
+            save_fusion(model.fuser.selection[0].float().cpu(), model.fuser.layers, args.show_fusion, title)
+        except OSError as e:
+            sys.exit(f"error: cannot write --show_fusion {args.show_fusion} ({type(e).__name__}: {e.strerror})")
         print(f"fusion weights saved to {args.show_fusion}", file=sys.stderr)
 
 
@@ -185,5 +230,5 @@ if __name__ == "__main__":
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source
     try:
         main()
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -10,7 +10,6 @@ Also here: `preprocess`, CLIP's image preprocessing with PIL only (RGB,
 resize the short side with bicubic, centre crop, normalise with CLIP's
 mean and std).
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from weights import CheckpointError, copy_state, hf_checkpoint
+from weights import CheckpointError, copy_state, hf_checkpoint, read_config
 
-PUBLIC = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16",
-          "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,6 +44,19 @@ class ViTConfig:
     @property
     def grid(self):  # patches per side
         return self.image_size // self.patch_size
+
+
+PUBLIC = {  # the public CLIP names, and the sizes their config.json's vision_config gives
+    "openai/clip-vit-base-patch32": ViTConfig(patch_size=32),
+    "openai/clip-vit-base-patch16": ViTConfig(),
+    "openai/clip-vit-large-patch14": ViTConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_width=4096),
+    "openai/clip-vit-large-patch14-336": ViTConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16,
+                                                   mlp_width=4096),
+}
+# our field -> its name in a Hugging Face CLIP vision config
+HF_FIELDS = dict(image_size="image_size", patch_size="patch_size", width="hidden_size", layers="num_hidden_layers",
+                 heads="num_attention_heads", mlp_width="intermediate_size", layer_norm_eps="layer_norm_eps",
+                 act="hidden_act")
 
 
 class Attention(nn.Module):
@@ -125,9 +135,9 @@ class ViT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str):
         """The vision tower of a public CLIP (see PUBLIC), or of a local checkpoint
-        (a CLIPModel's `vision_model.*` keys or a CLIPVisionModel's)."""
+        (a CLIPModel's `vision_model.*` keys or a CLIPVisionModel's) with its config.json."""
         repo = name_or_path if name_or_path in PUBLIC and not Path(name_or_path).exists() else None
-        state, hf_config = hf_checkpoint(name_or_path, repo)
+        state, hf_config, config_file = hf_checkpoint(name_or_path, repo)
         if hf_config is not None and hf_config.get("model_type") not in ("clip", "clip_vision_model", None):
             raise CheckpointError(f"{name_or_path} is a {hf_config['model_type']} checkpoint, not CLIP")
         # keep the vision tower (CLIPModel and older CLIPVisionModel files nest it under
@@ -139,20 +149,15 @@ class ViT(nn.Module):
         state = {k: v for k, v in state.items() if k != "position_ids" and not k.startswith("post_layernorm")}
         if "patch_embedding.weight" not in state:
             raise CheckpointError(f"{name_or_path} is not a CLIP vision checkpoint (no patch embedding)")
-        vision = (hf_config or {}).get("vision_config", hf_config or {})
-        width, _, patch, _ = state["patch_embedding.weight"].shape
-        config = ViTConfig(
-            image_size=math.isqrt(state["position_embedding.weight"].shape[0] - 1) * patch,
-            patch_size=patch,
-            width=width,
-            layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
-            heads=vision.get("num_attention_heads", width // 64),
-            mlp_width=state["layers.0.mlp.fc1.weight"].shape[0],
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
-            act=vision.get("hidden_act", "quick_gelu"),
-        )
+        # every size from config.json (a CLIPModel's nests them in vision_config), or for a public
+        # name from our table; copy_state then checks the weights against them
+        vision = hf_config.get("vision_config", hf_config) if hf_config is not None else None
+        config = ViTConfig(**read_config(vision, config_file, HF_FIELDS, ViTConfig, PUBLIC.get(repo)))
         if config.act not in ("quick_gelu", "gelu"):
-            raise CheckpointError(f"{name_or_path} uses activation {config.act}, not quick_gelu or gelu")
+            raise CheckpointError(f"{config_file}: hidden_act is {config.act!r}, not quick_gelu or gelu")
+        if config.width % config.heads:
+            raise CheckpointError(f"{config_file}: num_attention_heads {config.heads} does not divide "
+                                  f"hidden_size {config.width}")
         model = cls(config)
         copy_state(model, state, name_or_path)
         return model
@@ -172,10 +177,16 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     """CLIP preprocessing: a PIL image -> (3, size, size) normalised float tensor."""
     image = to_rgb(image)
     w, h = image.size
-    # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does)
+    # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does), then the centre square
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255.0  # (size, size, 3)
+    if max(new_w, new_h) <= 2 * size:  # as CLIP does it: resize all, then crop
+        image = image.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    else:  # a long strip (1 x 300000 would need 224 x 67M): resize only the source box that becomes
+        # the square; the filter still reads the pixels around it, so the same picture within rounding
+        sx, sy = w / new_w, h / new_h  # source pixels per resized pixel
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        image = image.resize((size, size), Image.BICUBIC, box=box)
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
     x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())

@@ -2,7 +2,9 @@
 
 `vit.py` and `llm.py` call `hf_checkpoint(name_or_path, repo)` to get a state
 dict (and the config.json next to it, when there is one) from a Hugging Face
-model repository, a local directory in that layout, or a single weights file.
+model repository, a local directory in that layout, or a single weights file,
+and `read_config` to take the model's sizes from that config.json (the head
+count, for one, cannot be read off the weights).
 Reading .safetensors needs no extra package: the format is an 8-byte
 little-endian header length, a JSON header giving each tensor's dtype, shape
 and byte range, then the raw bytes.
@@ -121,7 +123,8 @@ def load_state_dict(path) -> dict:
 
 
 def hf_checkpoint(name_or_path: str, repo: str | None = None):
-    """(state_dict, config dict or None) from a local dir/file, or the public Hugging Face repo."""
+    """(state_dict, config dict or None, config.json's path) from a local dir/file, or the public
+    Hugging Face repo."""
     path = Path(name_or_path)
     if repo is None and not path.exists():
         raise CheckpointError(f"{name_or_path} is neither a local checkpoint nor a known model name")
@@ -150,7 +153,36 @@ def hf_checkpoint(name_or_path: str, repo: str | None = None):
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
-    return load_state_dict(weights_file), config
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file} is not a model config (a JSON object of settings)")
+    return load_state_dict(weights_file), config, config_file
+
+
+def read_config(config, config_file, fields, defaults, known=None):
+    """{field: value} from a Hugging Face config dict, for fields = {our field: its config.json key,
+    or a tuple of keys in order of preference}; defaults: our config dataclass, for each field's type.
+    known: a public name's config from our table, for what its config.json lacks. Otherwise a missing
+    or malformed field is a CheckpointError naming it and the file: never a guessed size."""
+    if config is None and known is None:
+        raise CheckpointError(f"{config_file} not found: the model's sizes (its head count, for one) "
+                              f"come from the config.json saved with its weights; put it there")
+    out = {}
+    for field, keys in fields.items():
+        keys = (keys,) if isinstance(keys, str) else keys
+        key = next((k for k in keys if (config or {}).get(k) is not None), None)
+        if key is None and known is None:
+            raise CheckpointError(f"{config_file} has no {' or '.join(keys)}: the model cannot be built without "
+                                  f"it (it cannot be read off the weights); use the config.json saved with them")
+        if key is None:
+            out[field] = getattr(known, field)
+            continue
+        value, kind = config[key], type(getattr(defaults, field))
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is not str and value <= 0):
+            raise CheckpointError(f"{config_file}: {key} is {value!r}, not a positive {kind.__name__}")
+        out[field] = value
+    return out
 
 
 def copy_state(model, state: dict, source, transposed=()):

@@ -48,14 +48,28 @@ class Example:
     meta: dict = field(default_factory=dict)  # subject, grade, hint, has_image, qtype ... for the scorers
 
 
+MAX_ASPECT = 100  # a longer strip keeps under 1% of itself in CLIP's centre crop
+
+
 def load_image(path, ex_id):
     """Open and fully decode an image, or raise DataError naming the example and the file.
-    The mode stays as stored: vit.preprocess makes it RGB (see-through parts onto white)."""
+    Refused before decoding: more pixels than Pillow's Image.MAX_IMAGE_PIXELS (decompression
+    bombs) and strips longer than MAX_ASPECT:1. The mode stays as stored: vit.preprocess
+    makes it RGB (see-through parts onto white)."""
     try:
-        with Image.open(path) as img:
-            img.load()  # the full decode, so truncated files fail here
-            return img
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice the limit
+            with Image.open(path) as img:
+                w, h = img.size
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise DataError(f"example {ex_id}: image {path} is {w} x {h} pixels, longer than {MAX_ASPECT}:1; "
+                                    f"CLIP's centre crop would keep under 1% of it (cut it into squarer pieces)")
+                img.load()  # the full decode, so truncated files fail here
+                return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"example {ex_id}: image {path} is refused ({e} Shrink it, or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"example {ex_id}: cannot read image {path} ({type(e).__name__}: {e})") from None
 
 
@@ -252,3 +266,5 @@ def read_json(path):
         raise DataError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:  # a folder where the file should be, no permission, a read error
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e.strerror})") from None

@@ -47,6 +47,12 @@ def _image_error(entry, root, ann):
     if not isinstance(entry, dict) or not all(k in entry for k in ("filename", "split", "sentences")):
         return "malformed entry", f"an entry of {ann} lacks filename/split/sentences: {str(entry)[:200]}"
     name = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+    filename, filepath = entry["filename"], entry.get("filepath", "")  # filepath is optional
+    if not isinstance(filename, str) or not filename or not isinstance(filepath, str):
+        return "malformed entry", (f"image {name} in {ann}: 'filename' and 'filepath' must be text, "
+                                   f"got {filename!r:.60} and {filepath!r:.60}")
+    if not isinstance(entry["split"], str):
+        return "malformed entry", f"image {name} in {ann}: 'split' must be text, got {entry['split']!r:.60}"
     if not _captions(entry):
         return "no captions", f"image {name} in {ann} has no non-empty caption"
     path = os.path.join(root, entry.get("filepath", ""), entry["filename"])
@@ -64,7 +70,8 @@ def load_coco(root=DEFAULT_ROOT, split="train", ann_file="dataset_coco.json", st
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{ann} is not a Karpathy split file (no 'images' list)")
     wanted = ("train", "restval") if split == "train" else (split,)
-    entries = [e for e in data["images"] if not isinstance(e, dict) or e.get("split") in wanted]
+    entries = [e for e in data["images"] if not isinstance(e, dict) or e.get("split") in wanted  # and the broken
+               or not isinstance(e.get("split"), str)]  # ones, for _image_error to name
     if not entries:
         present = sorted({str(e.get("split")) for e in data["images"] if isinstance(e, dict)})
         raise DataError(f"{ann} has no images in split '{split}' (splits present: {', '.join(present)})")

@@ -62,6 +62,12 @@ def _problem_error(pid, p, root, split, problems_file):
     for key in ("question", "choices", "answer"):
         if key not in p:
             return "malformed problem", f"problem {pid} in {problems_file} has no '{key}'"
+    if not isinstance(p["question"], str) or not p["question"].strip():
+        return "malformed problem", f"problem {pid} in {problems_file}: 'question' must be a non-empty string, " \
+                                    f"got {p['question']!r:.80}"
+    for key in ("hint", "image", "split"):  # optional; text when present (a hint or image may be null)
+        if key in p and not isinstance(p[key], str) and (p[key] is not None or key == "split"):
+            return "malformed problem", f"problem {pid} in {problems_file}: '{key}' must be a string, got {p[key]!r:.80}"
     choices = p["choices"]
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
         return "malformed problem", (f"problem {pid} in {problems_file}: 'choices' must be 2 to 26 strings, "
@@ -94,8 +100,9 @@ def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=Tru
         raise DataError(f"{problems_file} and {splits_file} must each hold a JSON object")
     if split not in splits:
         raise DataError(f"{splits_file} has no split '{split}' (it has: {', '.join(splits)})")
-    if not isinstance(splits[split], list):
-        raise DataError(f"{splits_file}: split '{split}' must be a list of pids")
+    if not isinstance(splits[split], list) or not splits[split]:
+        raise DataError(f"{splits_file}: split '{split}' must be a non-empty list of pids, "
+                        f"got {str(splits[split])[:80]}")
     examples, skipped = [], []
     for pid in splits[split]:
         pid = str(pid)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ from dataclasses import replace
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data.batch import DataError
+from data.batch import DataError, read_json
 
 VERSION = 2  # bump when the generator changes, so ensure_shapes regenerates old copies
 N_TRAIN, N_VAL = 16000, 400  # default sizes (train.py uses them too); test has N_VAL problems
@@ -281,26 +282,58 @@ def type_scores(examples, predictions):
     return {key: 100.0 * sum(hits) / len(hits) for key, hits in sorted(groups.items())}
 
 
+# what generate() writes, plus params.json: a folder holding anything else is never replaced
+GENERATED = re.compile(r"(problems|pid_splits|dataset_coco|params)\.json|images/(train|val|test)/\d+/image\.png")
+
+
+def _check(root, params):
+    """DataError unless these parameters make a dataset."""
+    if not root or os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"shapes: the output folder {root!r} is a file or empty; name a folder")
+    for key, low in (("n_train", 1), ("n_val", 1), ("n_test", 0)):
+        if type(params[key]) is not int or params[key] < low:
+            raise DataError(f"shapes: {key} must be a whole number from {low}, got {params[key]!r}")
+    if type(params["grid"]) is not int or not 3 <= params["grid"] <= 24:
+        raise DataError(f"shapes: grid must be from 3 (room for 5 objects) to 24 (cells of 9 px), "
+                        f"got {params['grid']!r}")
+
+
 def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, n_test=None, grid=4):
-    """Make sure root holds the shapes set with these parameters; (re)generate it
-    if it is missing or was made with others. Returns root."""
+    """Make sure root holds the shapes set with these parameters; (re)generate it if it is
+    missing or was made with others, unless root holds files the generator did not write. Returns root."""
     params = {"version": VERSION, "n_train": n_train, "n_val": n_val,
               "n_test": n_val if n_test is None else n_test, "seed": seed, "grid": grid}
+    _check(root, params)
     params_file = os.path.join(root, "params.json")
-    if os.path.isfile(params_file):
-        with open(params_file) as f:
-            if json.load(f) == params:
-                return root
+    if os.path.lexists(params_file):
+        old = read_json(params_file)
+        if old == params:
+            return root
+        if not isinstance(old, dict):
+            raise DataError(f"{params_file} is not a JSON object; delete {root} to make the shapes set again")
+        found = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                 for d, _, files in os.walk(root) for f in files]
+        foreign = [f for f in found if not GENERATED.fullmatch(f)]
+        if foreign:
+            raise DataError(f"{root} holds a shapes set made with other parameters, and files the generator did "
+                            f"not write ({len(foreign)}, e.g. {foreign[0]}); move them away to let it be replaced")
+        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items() if old.get(k) != v)
+        print(f"shapes: {root} was made with other parameters ({changed}); replacing it", file=sys.stderr)
     elif os.path.isdir(root) and os.listdir(root):
         raise DataError(f"{root} exists and is not a shapes dataset (no params.json); refusing to overwrite it")
     tmp = root.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    generate(tmp, n_train, n_val, params["n_test"], seed, grid)
-    with open(os.path.join(tmp, "params.json"), "w") as f:
-        json.dump(params, f)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate(tmp, n_train, n_val, params["n_test"], seed, grid)
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(params, f)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    except OSError as e:
+        raise DataError(f"shapes: cannot write {root} ({type(e).__name__}: {e.strerror})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only if something failed
     print(f"shapes: wrote {n_train + n_val + params['n_test']} problems to {root} in {time.time() - t0:.1f}s",
           file=sys.stderr)
     return root

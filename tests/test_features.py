@@ -42,7 +42,28 @@ def test_cached_features_equal_the_vit(tmp_path):
     on_disk = FeatureCache(model, examples, transform, out_dir=str(tmp_path))(paths, "cpu")
     assert torch.allclose(on_disk[:3], direct, atol=2e-2, rtol=1e-2) and not torch.equal(on_disk[:3], direct)  # fp16
     prefix = make_model(mode="prefix")
-    assert FeatureCache(prefix, examples, transform)(paths, "cpu").shape == (4, 17, 128)  # penultimate tokens
+    assert FeatureCache(prefix, examples, transform)(paths, "cpu").shape == (4, 16, 128)  # the 4 x 4 patches
+
+
+@torch.no_grad()
+def test_cache_with_text_only_examples(tmp_path):
+    """A text-only example's row of the cache is a placeholder the model never reads: a mixed batch
+    gives the same logits with the cache as with the images; a set without images needs no cache."""
+    model, examples = make_model(), make_examples(tmp_path)
+    model.fuser.gate.fill_(1.0)  # gates open: the memory matters
+    transform = lambda img: preprocess(img, model.vit.config.image_size)
+    paths = [ex.image for ex in examples]  # three images, then None
+    has_image = torch.tensor([p is not None for p in paths])
+    images = torch.stack([transform(Image.open(p)) if p else torch.zeros(3, 64, 64) for p in paths])
+    idx = torch.randint(0, 1000, (4, 6), generator=torch.Generator().manual_seed(0))
+    direct, _ = model(images, idx, has_image=has_image)
+    cached, _ = model(None, idx, has_image=has_image, features=FeatureCache(model, examples, transform)(paths, "cpu"))
+    assert torch.equal(cached, direct)
+    assert not torch.equal(direct[3], model.gpt(idx)[0][3])  # the text-only row: its learned slots act
+    text_only = FeatureCache(model, examples[3:], transform)
+    assert text_only([None], "cpu") is None
+    alone, _ = model(None, idx[3:], has_image=has_image[3:])  # no features, no ViT
+    assert (alone - direct[3:]).abs().max() <= 1e-5  # (up to batch-size effects in the matmuls)
 
 
 def test_stale_caches_are_rebuilt_not_reused(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fuser import FuserConfig, HierarchicalFuser
 from llm import GPTConfig
 from model import VLM, build_backbones
-from vit import ViTConfig
+from vit import PUBLIC, ViTConfig
 
 B, T, PROMPT = 3, 10, 6  # batch, tokens, prompt tokens (the rest is the answer)
 
@@ -61,8 +61,44 @@ def test_pool_features_keeps_class_token_and_averages_patch_blocks():
         for slot, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)], start=1):  # 2 x 2 blocks, row-major
             block = grid[:, r:r + 2, c:c + 2].reshape(2, 4, -1).mean(1)
             assert close(pooled[:, k, slot], block, atol=1e-6)
-    with pytest.raises(AssertionError, match="pool 3 must divide"):
-        HierarchicalFuser(FuserConfig(pool=3), vit_config, GPTConfig.tiny())
+
+
+def test_pool_that_does_not_divide_the_grid_overhangs_it():
+    """ViT-B/32's 7 x 7 grid with the default pool 2: 4 x 4 blocks, those on the right and bottom
+    edges averaging the patches they cover (2 x 1, 1 x 2, and the corner patch alone)."""
+    vit_config = ViTConfig(image_size=224, patch_size=32, width=16, layers=2, heads=2, mlp_width=32)
+    assert vit_config.grid == 7
+    fuser = HierarchicalFuser(FuserConfig(), vit_config, GPTConfig.tiny())  # the default pool, 2
+    assert fuser.slot_key.shape[0] == 1 + 16  # N = 1 + ceil(7 / 2)^2
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 1 + 49, 16) for _ in range(3)]
+    pooled = fuser.pool_features(hidden)  # (B, K, N, D_v)
+    assert pooled.shape == (2, 2, 17, 16)
+    grid = hidden[1][:, 1:].reshape(2, 7, 7, 16)
+    for r, c in [(0, 0), (0, 6), (6, 0), (6, 6), (2, 4)]:
+        block = grid[:, r:r + 2, c:c + 2].reshape(2, -1, 16).mean(1)  # slicing stops at the edge
+        assert close(pooled[:, 0, 1 + (r // 2) * 4 + c // 2], block, atol=1e-6), (r, c)
+    assert close(pooled[:, 0, 16], grid[:, 6, 6], atol=1e-6)  # the corner block is one patch
+    for pool, N in [(3, 1 + 9), (7, 1 + 1), (9, 1 + 1)]:  # a pool as big as the grid or bigger: one block
+        assert HierarchicalFuser(FuserConfig(pool=pool), vit_config, GPTConfig.tiny()).pool_features(hidden).shape[2] == N
+    for bad, message in [(dict(pool=0), "pool must be at least 1"), (dict(vit_layers=(3,)), r"must be in 1\.\.2")]:
+        with pytest.raises(ValueError, match=message):  # a clear error, not an assert
+            HierarchicalFuser(FuserConfig(**bad), vit_config, GPTConfig.tiny())
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_every_public_clip_builds_a_fuser_with_the_defaults(name):
+    """Each public name's tower (vit.py's table) with FuserConfig()'s pool 2 and GPT-2's width;
+    the 7 x 7 grid of clip-vit-base-patch32 used to fail an assert here."""
+    vit_config = PUBLIC[name]
+    fuser = HierarchicalFuser(FuserConfig(), vit_config, GPTConfig())
+    g = math.ceil(vit_config.grid / 2)
+    h = torch.randn(1, 1 + vit_config.grid ** 2, vit_config.width)  # one layer's hidden state, for them all
+    pooled = fuser.pool_features([h] * (vit_config.layers + 1))
+    assert pooled.shape == (1, vit_config.layers, 1 + g * g, vit_config.width)
+    memory = fuser.memory(pooled, torch.ones(1, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    keys, values = memory(0, torch.randn(1, 4, GPTConfig().n_embd))
+    assert keys.shape == values.shape == (1, 1 + g * g, GPTConfig().n_embd)
 
 
 @pytest.mark.parametrize("mode", ["dehvf", "static"])
@@ -80,7 +116,7 @@ def test_memory_matches_the_design_written_out(mode):
         memory = fuser.memory(pooled, prompt_mask, has_image)
         for layer in range(model.gpt.config.n_layer):
             x = torch.randn(B, T, d)  # the residual stream entering this layer
-            keys, values, slot_mask = memory(layer, x)
+            keys, values = memory(layer, x)
             # the design, literally
             Fk = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(fuser.norms)], 1)  # (B, K, N, D_v)
             scores = fuser.layer_bias[layer].expand(B, -1)
@@ -91,13 +127,19 @@ def test_memory_matches_the_design_written_out(mode):
             a = scores.softmax(-1)  # (B, K)
             Fbar = (a[:, :, None, None] * Fk).sum(1)  # (B, N, D_v)
             Z = fuser.up(F.gelu(fuser.down(Fbar)))  # (B, N, d)
+            Z[~has_image] = 0  # step 6: no image, Z = 0; the learned slots act alone
             assert close(fuser.selection[:, layer], a, atol=1e-6)
             assert close(keys, (Z + fuser.slot_key) / math.sqrt(d))
             assert close(values, fuser.gate[layer] * (Z + fuser.slot_value))
-            assert torch.equal(slot_mask, has_image[:, None].expand(B, Z.size(1)))
+            assert torch.equal(keys[1], fuser.slot_key / math.sqrt(d))  # exactly: no trace of its image
+            assert values[1].abs().min() > 0  # the gates are open: the text-only sample's slots act
             # the slots are computed once per layer (at prefill) and reused for every later call
             again = memory(layer, torch.randn(B, 1, d))
-            assert all(u is v for u, v in zip(again, (keys, values, slot_mask)))
+            assert all(u is v for u, v in zip(again, (keys, values)))
+        # a batch without images needs no features: the same slots for every sample
+        keys, values = fuser.memory(None, prompt_mask, torch.zeros(B, dtype=torch.bool))(0, torch.randn(B, T, d))
+        assert torch.equal(keys, (fuser.slot_key / math.sqrt(d)).expand(B, -1, -1))
+        assert torch.equal(values, (fuser.gate[0] * fuser.slot_value).expand(B, -1, -1))
 
 
 @torch.no_grad()
@@ -138,3 +180,30 @@ def test_selection_weights_per_mode():
         if mode == "memvp":  # K = 1, the penultimate ViT layer: one-hot
             assert model.fuser.layers == [model.vit.config.layers - 1]
             assert torch.equal(a, torch.ones(B, L, 1))
+
+
+def test_vector_gate_is_per_channel_starts_closed_and_trains_per_channel():
+    vit, gpt = (copy.deepcopy(m) for m in _backbones())
+    torch.manual_seed(0)
+    model = VLM(vit, gpt, "dehvf", FuserConfig(gate="vector"))
+    L, d = gpt.config.n_layer, gpt.config.n_embd
+    gate = model.fuser.gate
+    assert gate.shape == (L, d) and not gate.any()  # gamma_l: a (d,) vector per decoder layer, at 0
+    images, idx, prompt_mask = inputs()
+    targets = idx.roll(-1, dims=1)
+    targets[:, :PROMPT - 1] = targets[:, -1] = -100  # the answer carries the loss
+    with torch.no_grad():
+        assert torch.equal(model(images, idx, prompt_mask=prompt_mask)[0], gpt(idx)[0])  # identity at init
+    model(images, idx, targets, prompt_mask)[1].backward()
+    assert gate.grad.ne(0).all()  # every channel of every layer gets its own gradient ...
+    assert (gate.grad != gate.grad[:, :1]).any(1).all()  # ... not one value per layer
+    with torch.no_grad():
+        gate -= gate.grad  # a plain gradient step (building a torch.optim optimiser costs seconds of imports)
+        assert (gate != gate[:, :1]).any(1).all()  # so the channels move apart
+        # and each channel scales its own output channel of the memory
+        gate.zero_()
+        gate[:, 5] = 1.0
+        memory = model.fuser.memory(model.features(images), prompt_mask, torch.ones(B, dtype=torch.bool))
+        for layer in range(L):
+            _, values = memory(layer, torch.randn(B, T, d))
+            assert values[..., 5].abs().min() > 0 and not values[..., :5].any() and not values[..., 6:].any()

@@ -1,9 +1,15 @@
-"""llm.py: parity with transformers' GPT-2, the KV cache, the FFN memory hook, causality."""
+"""llm.py: parity with transformers' GPT-2, every size read from config.json, the KV cache,
+top-k sampling, the FFN memory hook, causality."""
+import json
+import re
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llm import GPT, GPTConfig, KVCache
+from weights import CheckpointError
 
 
 def max_diff(a, b):
@@ -84,6 +90,49 @@ def test_gpt2_parity_124M_shape(tmp_path):
     assert max_diff(model(idx)[0], hf(idx).logits) <= 1e-4
 
 
+def edited_config(saved, path, **changes):
+    """A copy of the checkpoint folder saved, its config.json changed (a value None: the key deleted)."""
+    shutil.copytree(saved, path)
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value is None else config.update({key: value})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("key", ["n_head", "n_layer", "n_embd", "n_positions", "vocab_size", "layer_norm_epsilon"])
+def test_config_without_a_size_is_an_error_not_a_guess(hf_gpt2, tmp_path, key):
+    """Each size that shapes the model comes from config.json: missing, it is a clear error (the
+    head count used to be guessed as n_embd // 64: a silently wrong model)."""
+    path = edited_config(hf_gpt2[1], tmp_path / "gpt2", **{key: None}, n_ctx=None)
+    with pytest.raises(CheckpointError) as e:
+        GPT.from_pretrained(str(path))
+    keys = "n_positions or n_ctx" if key == "n_positions" else key
+    assert str(e.value).startswith(f"{path / 'config.json'} has no {keys}: the model cannot be built without it")
+
+
+def test_config_values_are_read_and_checked(hf_gpt2, tmp_path):
+    _, saved = hf_gpt2
+    older = edited_config(saved, tmp_path / "older", n_positions=None, n_ctx=64, layer_norm_epsilon=1e-6)
+    model = GPT.from_pretrained(str(older))  # older configs give the context as n_ctx
+    assert (model.config.block_size, model.config.n_head, model.config.layer_norm_eps) == (64, 4, 1e-6)
+    assert model.transformer.h[0].ln_1.eps == 1e-6
+    for name, changes, message in [
+        ("text", dict(n_head="4"), "n_head is '4', not a positive int"),
+        ("odd", dict(n_head=3), "n_head 3 does not divide n_embd 64"),
+        ("relu", dict(activation_function="relu"), "activation_function is 'relu'; only GPT-2's 'gelu_new'"),
+        ("scaled", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx is True"),
+    ]:
+        path = edited_config(saved, tmp_path / name, **changes)
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path / 'config.json'}: {message}")):
+            GPT.from_pretrained(str(path))
+    alone = tmp_path / "alone"  # the weights without their config.json
+    alone.mkdir()
+    shutil.copy(saved / "model.safetensors", alone)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{alone / 'config.json'} not found: the model's sizes")):
+        GPT.from_pretrained(str(alone / "model.safetensors"))
+
+
 def tiny_model(seed=0):
     """Smaller than GPTConfig.tiny() (a 97-token vocabulary) so that step-by-step loops stay fast."""
     torch.manual_seed(seed)
@@ -91,11 +140,11 @@ def tiny_model(seed=0):
 
 
 def random_memory(config, B, N=6, seed=3):
-    """A memory function returning fixed random (K, V, slot_mask) per layer."""
+    """A memory function returning fixed random (K, V) per layer."""
     g = torch.Generator().manual_seed(seed)
     d = config.n_embd
-    slots = [(torch.randn(B, N, d, generator=g) * 0.2, torch.randn(B, N, d, generator=g) * 0.2,
-              torch.rand(B, N, generator=g) > 0.3) for _ in range(config.n_layer)]
+    slots = [(torch.randn(B, N, d, generator=g) * 0.2, torch.randn(B, N, d, generator=g) * 0.2)
+             for _ in range(config.n_layer)]
     return lambda layer, x: slots[layer]
 
 
@@ -148,42 +197,40 @@ def test_generate_with_and_without_cache_identical():
 
 
 @torch.no_grad()
-def test_ffn_memory_masked_slots_are_exactly_nothing():
+def test_top_k_sampling_never_leaves_the_top_k():
+    """Every sampled token is among the k most likely at its step (ties included), and top_k=1 is greedy."""
     model = tiny_model()
-    B, N, d = 3, 5, model.config.n_embd
-    idx = torch.randint(0, model.config.vocab_size, (B, 16))
-    K, V = torch.randn(B, N, d), torch.randn(B, N, d)
-    text_only, _ = model(idx)
-
-    none_on = torch.zeros(B, N, dtype=torch.bool)
-    assert torch.equal(model(idx, memory=lambda layer, x: (K, V, none_on))[0], text_only)
-
-    all_on = torch.ones(B, N, dtype=torch.bool)
-    assert max_diff(model(idx, memory=lambda layer, x: (K, V, all_on))[0], text_only) > 1e-2
-
-    mixed = torch.rand(B, N) > 0.4
-    mixed[0] = True
-    mixed[1] = False  # sample 1 has no image, inside a batch where the others do
-    out, _ = model(idx, memory=lambda layer, x: (K, V, mixed))
-    assert torch.equal(out[1], text_only[1])
-    assert max_diff(out[0], text_only[0]) > 1e-2 and max_diff(out[2], text_only[2]) > 1e-2
+    B, T0, steps, k = 4, 3, 25, 3
+    idx = torch.randint(0, model.config.vocab_size, (B, T0))
+    torch.manual_seed(0)
+    out = model.generate(idx, steps, temperature=2.0, top_k=k)  # a hot temperature: the tail is likely
+    logits, _ = model(out[:, :-1])  # (B, T0 + steps - 1, V): what each new token was sampled from
+    for t in range(T0, T0 + steps):
+        step_logits = logits[:, t - 1]  # (B, V)
+        kth = step_logits.topk(k, dim=-1).values[:, -1]  # (B,)
+        chosen = step_logits.gather(1, out[:, t:t + 1])[:, 0]
+        assert (chosen >= kth - 1e-6).all(), f"step {t - T0}: a token outside the top {k}"
+    assert len(set(out[:, T0:].flatten().tolist())) > k  # the guard: not one fixed set of k tokens
+    assert torch.equal(model.generate(idx, 10, temperature=1.0, top_k=1), model.generate(idx, 10, temperature=0))
 
 
 @torch.no_grad()
 def test_ffn_memory_is_extra_hidden_units():
-    """mlp(x) = c_proj(gelu(c_fc(x))) + gelu(x K^T) V over the unmasked slots, and a
-    masked slot is the same as a slot that is not there."""
+    """mlp(x) = c_proj(gelu(c_fc(x))) + gelu(x K^T) V: the slots are N more hidden units."""
     model = tiny_model()
     mlp = model.transformer.h[0].mlp
     B, T, N, d = 2, 7, 6, model.config.n_embd
     x, K, V = torch.randn(B, T, d), torch.randn(B, N, d), torch.randn(B, N, d)
-    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    out = mlp(x, (K, V, mask))
+    out = mlp(x, (K, V))
     gelu = lambda t: F.gelu(t, approximate="tanh")
     for b in range(B):
-        k, v = K[b, mask[b]], V[b, mask[b]]  # the unmasked slots only
-        expected = mlp.c_proj(gelu(mlp.c_fc(x[b]))) + gelu(x[b] @ k.T) @ v
+        expected = mlp.c_proj(gelu(mlp.c_fc(x[b]))) + gelu(x[b] @ K[b].T) @ V[b]
         assert max_diff(out[b], expected) <= 1e-5
+    # as hidden units: slots whose output weights are 0 are the same as no slots, and as a plain GPT
+    assert torch.equal(mlp(x, (K, torch.zeros_like(V))), mlp(x))
+    idx = torch.randint(0, model.config.vocab_size, (B, 16))
+    assert torch.equal(model(idx, memory=lambda layer, x: (K, torch.zeros_like(V)))[0], model(idx)[0])
+    assert max_diff(model(idx, memory=lambda layer, x: (K, V))[0], model(idx)[0]) > 1e-2
 
 
 @torch.no_grad()

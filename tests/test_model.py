@@ -145,11 +145,16 @@ def test_answer_tokens_never_change_earlier_logits(mode):
 
 # ----------------------------------------------------------------------------- generation, text-only samples
 
-@pytest.mark.parametrize("mode", MODES)
-def test_generate_with_cache_equals_full_recompute(mode):
+IMAGES = {"all": [True, True, True], "mixed": [True, False, True], "none": [False, False, False]}
+
+
+@pytest.mark.parametrize("mode, which", [(mode, "all") for mode in MODES] + [(mode, "mixed") for mode in FUSED]
+                         + [("prefix", "mixed")] + [(mode, "none") for mode in FUSED])
+def test_generate_with_cache_equals_full_recompute(mode, which):
     model = make(mode)
     images, idx, _ = inputs()
-    prompt, steps = idx[:, :PROMPT], 20
+    has_image = torch.tensor(IMAGES[which])
+    prompt, steps = idx[:, :PROMPT], 20 if which == "all" else 8
     vit_calls, memory_builds = [], []
     model.vit.register_forward_hook(lambda *args: vit_calls.append(1))
     if mode in FUSED:  # the projector runs once per decoder layer when that layer's slots are built
@@ -158,8 +163,9 @@ def test_generate_with_cache_equals_full_recompute(mode):
     for use_cache in (True, False):
         vit_calls.clear()
         memory_builds.clear()
-        out[use_cache] = model.generate(images, prompt, steps, temperature=0.0, use_cache=use_cache)
-        assert len(vit_calls) == (0 if mode == "none" else 1)  # the image is read once per call
+        out[use_cache] = model.generate(images, prompt, steps, temperature=0.0, use_cache=use_cache,
+                                        has_image=has_image)
+        assert len(vit_calls) == (mode != "none" and which != "none")  # images read once per call, if any
         assert len(memory_builds) == (model.gpt.config.n_layer if mode in FUSED else 0)
     assert out[True].shape == (B, PROMPT + steps)
     assert torch.equal(out[True][:, :PROMPT], prompt)
@@ -169,10 +175,10 @@ def test_generate_with_cache_equals_full_recompute(mode):
     with torch.no_grad():
         for _ in range(steps):
             prompt_mask = (torch.arange(seq.size(1)) < PROMPT).expand_as(seq)
-            h = model.hidden(images, seq, prompt_mask)[:, -1]  # (B, d)
+            h = model.hidden(images, seq, prompt_mask, has_image)[:, -1]  # (B, d)
             seq = torch.cat([seq, model.gpt.lm_head(h).argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out[True], seq)
-    if mode != "none":  # the guard: the image moves the logits the first greedy choice is made from
+    if mode != "none" and which == "all":  # the guard: the image moves the logits of the first greedy choice
         with torch.no_grad():
             first = [model(x, prompt)[0][:, -1] for x in (images, inputs(seed=1)[0])]
         assert not close(first[0], first[1], 1e-3)
@@ -180,31 +186,84 @@ def test_generate_with_cache_equals_full_recompute(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
-def test_samples_without_an_image_are_text_only(mode):
+def test_samples_without_an_image_at_init_are_the_frozen_gpt(mode):
+    """Gates at 0: a sample without an image is exactly the frozen GPT, alone or in a mixed batch."""
+    model = make(mode, trained=False)
+    images, idx, prompt_mask = inputs()
+    text, _ = model.gpt(idx)
+    no_images, mixed = torch.zeros(B, dtype=torch.bool), torch.tensor(IMAGES["mixed"])
+    assert torch.equal(model(images, idx, prompt_mask=prompt_mask, has_image=no_images)[0], text)
+    h = model.hidden(images, idx, prompt_mask, has_image=mixed)
+    assert torch.equal(h[~mixed], model.gpt.hidden(idx)[~mixed] if mode != "prefix" else model.gpt.hidden(idx[~mixed]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_samples_without_an_image_after_training(mode):
+    """Trained (gates open): in the memory modes a sample without an image has Z = 0 and its learned
+    slots act alone (MemVP's way), so it is no longer the frozen GPT; prefix gives it no prefix."""
     model = make(mode)
     images, idx, prompt_mask = inputs()
     text, _ = model.gpt(idx)  # the frozen GPT on the same batch
-    no_images = torch.zeros(B, dtype=torch.bool)
-    assert torch.equal(model(images, idx, prompt_mask=prompt_mask, has_image=no_images)[0], text)
-
-    mixed = torch.tensor([True, False, True])
+    no_images, mixed = torch.zeros(B, dtype=torch.bool), torch.tensor(IMAGES["mixed"])
+    alone, _ = model(images, idx, prompt_mask=prompt_mask, has_image=no_images)
     logits, _ = model(images, idx, prompt_mask=prompt_mask, has_image=mixed)
     if mode == "prefix":
         # the text-only rows run as their own batch (no prefix, positions from 0): their hidden states
         # are exactly the GPT's on those rows; the logits, from the head run on the whole batch, equal
         # the GPT's on the whole batch up to batch-size effects in the matmuls
+        assert torch.equal(alone, text)
         h = model.hidden(images, idx, prompt_mask, has_image=mixed)
         assert torch.equal(h[~mixed], model.gpt.hidden(idx[~mixed]))
         assert close(logits[~mixed], text[~mixed], 1e-5)
-    else:  # the same batch through the same layers, the text-only rows' slots adding exactly 0
-        assert torch.equal(logits[~mixed], text[~mixed])
-    # the image rows: as if alone (up to batch-size effects), and really using their image
-    alone, _ = model(images[mixed], idx[mixed], prompt_mask=prompt_mask[mixed])
-    assert close(logits[mixed], alone, 1e-5)
-    if mode == "none":
-        assert torch.equal(logits, text)
+    elif mode == "none":
+        assert torch.equal(alone, text) and torch.equal(logits, text)
     else:
-        assert not close(logits[mixed], text[mixed], 1e-3)
+        assert not close(alone, text, 1e-3)  # the learned slots act
+        assert torch.equal(logits[~mixed], alone[~mixed])  # in a mixed batch: the same slots, no image
+        other = images.clone()
+        other[~mixed] = inputs(seed=1)[0][~mixed]  # whatever stands in the images tensor for it
+        assert torch.equal(model(other, idx, prompt_mask=prompt_mask, has_image=mixed)[0][~mixed], logits[~mixed])
+    # the image rows: as if alone (up to batch-size effects), and really using their image
+    with_images, _ = model(images[mixed], idx[mixed], prompt_mask=prompt_mask[mixed])
+    assert close(logits[mixed], with_images, 1e-5)
+    if mode != "none":
+        assert not close(logits[mixed], alone[mixed], 1e-3)
+
+
+@pytest.mark.parametrize("mode", FUSED)
+def test_text_only_samples_train_the_fuser(mode):
+    """A batch without any image: the ViT never runs, the gates get a gradient from step 0 (p_v is
+    not 0), the text-only predictions move, and then the learned slots train too; the visual path
+    (LayerNorms, projector, selector) gets no gradient, as Z = 0."""
+    model = make(mode, trained=False)
+    images, idx, prompt_mask = inputs()
+    targets, no_images = answer_targets(idx), torch.zeros(B, dtype=torch.bool)
+    vit_calls = []
+    model.vit.register_forward_hook(lambda *args: vit_calls.append(1))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    slots = ("fuser.gate", "fuser.slot_key", "fuser.slot_value")
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+
+    def backward():
+        optimizer.zero_grad(set_to_none=True)
+        model(images, idx, targets, prompt_mask, no_images)[1].backward()
+
+    def gets_gradient(n):
+        return trainable[n].grad is not None and trainable[n].grad.ne(0).any()
+
+    backward()
+    assert {n for n in trainable if gets_gradient(n)} == {"fuser.gate"}  # the values behind it are still 0
+    assert trainable["fuser.gate"].grad.ne(0).all()  # every decoder layer's gate
+    with torch.no_grad():
+        before = model(images, idx, prompt_mask=prompt_mask, has_image=no_images)[0]
+        optimizer.step()
+        after = model(images, idx, prompt_mask=prompt_mask, has_image=no_images)[0]
+    assert not close(after, before, 1e-4)  # text-only predictions change with training
+    backward()
+    assert {n for n in trainable if gets_gradient(n)} == set(slots)
+    assert all(trainable[n].grad.ne(0).all() for n in slots)
+    assert vit_calls == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -310,6 +369,37 @@ def test_learning_check_dehvf_learns_the_colour_none_cannot():
               f"{steps if trained else 0} steps ({time.time() - start:.1f}s)")
     assert accuracy["dehvf"] >= 0.8  # chance is 0.25
     assert accuracy["none"] <= 0.4  # one answer for every picture: a quarter of a balanced test set
+
+
+def test_vit_b32_grid_trains_with_the_default_pool():
+    """clip-vit-base-patch32's geometry (224 px, 32 px patches: a 7 x 7 grid) with the default fuser
+    (pool 2, which does not divide 7), random weights built from a config (narrower and shallower
+    than 768 x 12 to stay cheap; the grid and the pool are what matter): every memory mode trains."""
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=224, patch_size=32, width=64, layers=3, heads=2, mlp_width=256))
+    gpt = copy.deepcopy(_backbones()[1])
+    images = torch.randn(4, 3, 224, 224)
+    idx = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(0))
+    targets, prompt_mask = answer_targets(idx), (torch.arange(T) < PROMPT).expand(4, T)
+    has_image = torch.tensor([True, True, False, True])  # and a sample without an image
+    for mode in FUSED:
+        model = VLM(vit, gpt, mode)  # FuserConfig(): pool 2
+        assert model.fuser.config.pool == 2 and vit.config.grid == 7
+        with torch.no_grad():
+            features = model.features(images)
+        assert features.shape == (4, len(model.fuser.layers), 1 + 4 * 4, 64)  # 7 x 7 pooled to 4 x 4
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+        losses = []
+        for _ in range(6):
+            loss = model(None, idx, targets, prompt_mask, has_image, features)[1]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, (mode, losses)  # it learns (the batch, here)
+    model = VLM(vit, gpt, "prefix")  # and prefix: the 49 patch tokens, no class token
+    assert model(images, idx, targets, prompt_mask, has_image)[1].isfinite()
+    assert model.features(images).shape == (4, 49, 64) and model.block_size == gpt.config.block_size - 49
 
 
 def test_trainable_parameters_at_gpt2_small_and_vit_b16_shapes():

@@ -60,6 +60,11 @@ def files(tmp_path_factory):
     torch.save({"lr": 0.1, "steps": 3}, d / "plain.pt")
     torch.save(GPT(GPTConfig.tiny()).state_dict(), d / "gpt2.pt")  # GPT-2's key names and layout
     (d / "corrupt.pt").write_bytes((d / "dehvf.pt").read_bytes()[:4000])
+    nan = {**state, "model": OrderedDict(state["model"])}
+    nan["model"]["fuser.gate"] = torch.full_like(state["model"]["fuser.gate"], float("nan"))  # a diverged run
+    torch.save(nan, d / "nan.pt")
+    Image.new("1", (1, 300000)).save(d / "strip.png")  # 661 bytes; resized whole, 45 GB
+    (d / "folder.png").mkdir()
     torch.save({**state, "model": OrderedDict(state["model"], **{"fuser.up.weight": torch.zeros(3, 3)})},
                d / "misfit.pt")
     return d
@@ -107,7 +112,8 @@ def run_main(argv, monkeypatch, capsys):
     return code, out, err
 
 
-BAD = [  # (arguments, words the message must contain); {d} is the folder of test files
+BAD = [  # (arguments, words the message must contain); {d} is the folder of test files. The inputs
+    # (x.png, dehvf.pt) must come out unchanged: an output never overwrites an input
     (["--image", "{d}/missing.png"], "no image file at"),
     (["--image", "{d}/cut.png"], "cannot read image"),
     (["--image", "{d}/text.jpg"], "cannot identify image file"),
@@ -127,18 +133,38 @@ BAD = [  # (arguments, words the message must contain); {d} is the folder of tes
     (["--max_new_tokens", "100000"], "at most 256"),
     (["--prompt", ""], "--prompt is empty"),
     (["--checkpoint", "{d}/prefix.pt", "--show_fusion", "{d}/f.png"], "needs a mode with a fuser"),
-    (["--show_fusion", "{d}/no/such/folder/f.png"], "folder does not exist"),
+    (["--show_fusion", "{d}/no/such/folder/f.png"], "in a folder that exists"),
+    (["--show_fusion", "{d}/folder.png"], "name a PNG file"),
+    (["--show_fusion", ""], "name a PNG file"),
+    (["--show_fusion", "{d}/dehvf.pt"], "is an input"),
+    (["--show_fusion", "{d}/./x.png"], "is an input"),
+    (["--show_fusion", "/proc/f.png"], "cannot write --show_fusion /proc/f.png"),
+    (["--image", "{d}/strip.png"], "1 x 300000 pixels, longer than 100:1"),
+    (["--image", "{d}/folder.png"], "(it is a folder)"),
+    (["--checkpoint", "{d}/nan.pt"], "holds NaN or infinite weights (fuser.gate"),
+    (["--temperature", "1e-45"], "must be 0 (greedy) or from 0.001"),
+    (["--top_k", "-5"], "--top_k: must be at least 1"),
+    (["--seed", str(2 ** 70)], "--seed: must be from 0"),
+    (["--device", "potato"], "'potato' is not a device"),
+    (["--device", "cuda:99"], "no such device here"),
+    (["--question", " ", "--options", "red,blue"], "--question is empty"),
+    (["--question", "Which?", "--options", "red, red ,blue"], "each option must differ"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
 def test_bad_input_is_one_message_and_an_exit(argv, message, files, monkeypatch, capsys):
+    inputs = {f: (files / f).read_bytes() for f in ("x.png", "dehvf.pt")}
     argv = ["--image", str(files / "x.png"), "--checkpoint", str(files / "dehvf.pt")] + \
            [a.format(d=files) for a in argv]  # later flags win
     code, out, err = run_main(argv, monkeypatch, capsys)
-    assert isinstance(code, str) and code.startswith("error:") and "\n" not in code, code
+    if code == 2:  # argparse: its usage block, then one line "sample.py: error: ..."
+        *usage, code = err.strip().splitlines()
+        assert usage[0].startswith("usage:") and all(line.startswith(" ") for line in usage[1:]), err
+    assert isinstance(code, str) and "error: " in code and "\n" not in code, code
     assert message in code, code
-    assert not os.path.exists(files / "f.png")
+    assert not os.path.exists(files / "f.png") and not [p for p in os.listdir(files) if f".tmp{os.getpid()}" in p]
+    assert all((files / f).read_bytes() == data for f, data in inputs.items())
 
 
 def test_a_long_question_is_cut_from_the_left_with_a_warning(files, monkeypatch, capsys):

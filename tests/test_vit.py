@@ -1,12 +1,17 @@
-"""vit.py: parity with transformers' CLIP vision tower and CLIPImageProcessor; PIL modes; EXIF."""
+"""vit.py: parity with transformers' CLIP vision tower and CLIPImageProcessor; every size read
+from config.json; PIL modes; EXIF."""
 import io
+import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vit import ViT, ViTConfig, preprocess, to_rgb
+from vit import HF_FIELDS, PUBLIC, ViT, ViTConfig, preprocess, to_rgb
+from weights import CheckpointError
 
 
 def max_diff(a, b):
@@ -79,6 +84,44 @@ def test_vit_tiny_config_runs():
     hidden = ViT(config)(torch.randn(2, 3, config.image_size, config.image_size))
     assert len(hidden) == config.layers + 1
     assert all(h.shape == (2, 1 + config.grid ** 2, config.width) for h in hidden)
+
+
+def edited_vision_config(saved, path, **changes):
+    """A copy of the CLIPModel folder saved, its config.json's vision_config changed (None: deleted)."""
+    shutil.copytree(saved, path)
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        config["vision_config"].pop(key, None) if value is None else config["vision_config"].update({key: value})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("key", HF_FIELDS.values())
+def test_config_without_a_size_is_an_error_not_a_guess(hf_clip, tmp_path, key):
+    """Each setting that shapes the tower comes from config.json: missing, it is a clear error (the
+    head count used to be guessed as hidden_size // 64: a silently wrong model)."""
+    path = edited_vision_config(hf_clip[1], tmp_path / "clip", **{key: None})
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained(str(path))
+    assert str(e.value).startswith(f"{path / 'config.json'} has no {key}: the model cannot be built without it")
+
+
+def test_config_values_are_read_and_checked(hf_clip, tmp_path, monkeypatch):
+    _, saved = hf_clip
+    model = ViT.from_pretrained(str(edited_vision_config(saved, tmp_path / "eps", layer_norm_eps=1e-6)))
+    assert model.config.layer_norm_eps == model.layers[0].layer_norm1.eps == 1e-6
+    for name, changes, message in [("relu", dict(hidden_act="relu"), "hidden_act is 'relu', not quick_gelu or gelu"),
+                                   ("odd", dict(num_attention_heads=3), "num_attention_heads 3 does not divide"),
+                                   ("text", dict(patch_size="8"), "patch_size is '8', not a positive int")]:
+        path = edited_vision_config(saved, tmp_path / name, **changes)
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path / 'config.json'}: {message}")):
+            ViT.from_pretrained(str(path))
+    # a public name: what its (downloaded) config.json lacks comes from our table of its sizes
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path / "cache"))
+    edited_vision_config(saved, tmp_path / "cache" / "openai/clip-vit-base-patch32", layer_norm_eps=None)
+    model = ViT.from_pretrained("openai/clip-vit-base-patch32")  # in the cache: nothing to download
+    assert model.config.layer_norm_eps == PUBLIC["openai/clip-vit-base-patch32"].layer_norm_eps
+    assert model.config.heads == 4  # the rest from the file
 
 
 def drawing(size, seed=0):
