@@ -38,7 +38,7 @@ def write_tree(root, problems=PROBLEMS, splits=SPLITS):
     with open(os.path.join(root, "pid_splits.json"), "w") as f:
         json.dump(splits, f)
     for pid, p in problems.items():
-        if p.get("image"):
+        if isinstance(p, dict) and p.get("image"):  # a damaged problem (tests/test_bad_input.py) gets none
             folder = os.path.join(root, "images", p["split"], pid)
             os.makedirs(folder, exist_ok=True)
             Image.new("RGB", (40, 30), COLOURS.get(pid, (128, 128, 128))).save(os.path.join(folder, "image.png"))
