@@ -145,18 +145,41 @@ def test_ensure_shapes_regenerates_only_when_needed(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_accuracy_per_question_type_and_binding():
-    # worked out by hand: colour 2 of 3 right (pid 8 has no prediction: not counted), count 0 of 1,
-    # shape 1 of 2; binding (two options in the scene) only pid 1, right; pid 7 has no type
-    from data.batch import Example
-    from data.shapes import type_scores
-    two = {"objects": [{"colour": "red", "shape": "star"}, {"colour": "blue", "shape": "circle"}]}
-    one = {"objects": [{"colour": "red", "shape": "star"}]}
-    rows = {"1": ("colour", True, two), "2": ("colour", False, one), "3": ("colour", True, None),
-            "4": ("count", False, None), "5": ("shape", True, None), "6": ("shape", False, None),
-            "7": (None, True, None), "8": ("colour", None, None)}
-    examples = [Example(id=pid, prompt="Q?", target=" red", image=None, choices=[" red", " blue"], answer=0,
-                        meta={"qtype": q, "scene": scene}) for pid, (q, _, scene) in rows.items()]
-    predictions = {pid: 0 if right else 1 for pid, (_, right, _) in rows.items() if right is not None}
-    assert type_scores(examples, predictions) == {"binding": 100.0, "colour": pytest.approx(200 / 3),
-                                                  "count": 0.0, "shape": 50.0}
+def test_captions_train_beside_the_questions_and_are_checked_against_the_scene(shapes):
+    """The default run's caption examples (one image in four) and the check that a generated
+    caption names an object of the scene: every reference passes, a wrong colour does not."""
+    from data.shapes import caption_examples, names_an_object
+    root, problems = shapes
+    questions = load_scienceqa(root, "train", "text")
+    captions = caption_examples(root, "train")
+    n_images = sum(p["image"] is not None for p in problems.values() if p["split"] == "train")
+    assert len(captions) == (n_images + 3) // 4
+    assert not {ex.id for ex in captions} & {ex.id for ex in questions}  # predictions keyed apart
+    for ex in captions:
+        scene = problems[ex.meta["pid"]]["scene"]
+        assert ex.prompt == "A picture of" and ex.image.endswith(f"/{ex.meta['pid']}/image.png")
+        assert all(names_an_object(ref, scene) for ref in ex.references)
+        o = scene["objects"][0]
+        others = [c for c in COLOURS if all((c, o["shape"]) != (p["colour"], p["shape"]) for p in scene["objects"])]
+        assert not names_an_object(f"a {others[0]} {o['shape']} on a white background", scene)
+
+
+def test_type_scores_and_the_binding_subset(shapes):
+    from data.shapes import binding, type_scores
+    root, _ = shapes
+    examples = [ex for ex in load_scienceqa(root, "val", "text")]
+    for ex in examples:  # binding: more than one option is in the scene, worked out by hand here
+        if ex.meta["qtype"] in ("colour", "shape", "position"):
+            key = "colour" if ex.meta["qtype"] == "colour" else "shape"
+            present = {o[key] for o in ex.meta["scene"]["objects"]}
+            assert binding(ex) == (len([c for c in ex.choices if c.strip() in present]) > 1)
+        else:
+            assert not binding(ex)
+    assert any(binding(ex) for ex in examples) and not all(binding(ex) for ex in examples)
+    # right on every colour question, wrong on everything else
+    predictions = {ex.id: ex.answer if ex.meta["qtype"] == "colour" else (ex.answer + 1) % len(ex.choices)
+                   for ex in examples}
+    scores = type_scores(examples, predictions)
+    assert scores["colour"] == 100.0 and scores["shape"] == scores["count"] == scores["text"] == 0.0
+    bound = [ex for ex in examples if binding(ex)]
+    assert scores["binding"] == pytest.approx(100.0 * sum(ex.meta["qtype"] == "colour" for ex in bound) / len(bound))

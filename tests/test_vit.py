@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vit import HF_FIELDS, PUBLIC, ViT, ViTConfig, preprocess, to_rgb
+from vit import CLIP_STD, HF_FIELDS, PUBLIC, ViT, ViTConfig, preprocess, to_rgb
 from weights import CheckpointError
 
 
@@ -198,6 +198,16 @@ def test_preprocess_other_size(clip_processor):
     image = drawing((500, 333))
     hf = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     assert max_diff(preprocess(image, size=336), hf(images=image, return_tensors="pt").pixel_values[0]) <= 1e-2
+
+
+@pytest.mark.parametrize("size", [(60, 600), (700, 50), (30, 900)])
+def test_a_long_strip_is_cropped_before_it_is_resized(clip_processor, size):
+    """Past 2:1 only the source box that becomes the centre square is resized: CLIP's picture within
+    one 8-bit level, in size x size memory (a 1 x 300000 strip resized whole would need 45 GB)."""
+    image = drawing(size, seed=3)
+    ours, theirs = preprocess(image), clip_processor(images=image, return_tensors="pt").pixel_values[0]
+    assert max_diff(ours, theirs) <= 1.01 / 255 / min(CLIP_STD) and (ours - theirs).abs().mean() < 1e-4
+    assert preprocess(Image.new("1", (1, 300000))).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16 from PNG"])
