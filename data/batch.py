@@ -1,5 +1,6 @@
 """From examples to tensors: the `Example` record, `collate` for training and
-`choice_batch` / `pick_choices` for multiple-choice scoring.
+`choice_batch` / `pick_choices` for multiple-choice scoring (by the options'
+likelihood, or by the greedy next token after the prompt, `next_tokens`).
 
 Every dataset file (scienceqa.py, coco.py; shapes.py writes the ScienceQA
 layout) turns its files into a list of `Example`s. train.py, sample.py and the
@@ -166,6 +167,7 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
         n_choices list[int] (B,), answer list[int | None] (B,), ids list[str] (B,)
         score_targets (R, T): 0 at scored positions, -100 elsewhere; score_index (M,):
             for logits computed only at the N scored positions (row-major), the one token m reads
+        first_score (B,) long: the scored token m that follows each example's prompt + answer_prefix
     Use: logits = model(...), then pick_choices(logits, batch) -> B predictions.
     """
     ctxs, conts = [], []  # per example: context ids, list of choice ids
@@ -175,12 +177,13 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
         ctxs.append((enc.encode_ordinary(ex.prompt), enc.encode_ordinary(ex.answer_prefix)))
         conts.append([enc.encode_ordinary(c) for c in ex.choices])
     one_row = all(len(c) == 1 for cs in conts for c in cs)
-    rows, prompt_lens, row_image, score = [], [], [], ([], [], [], [])
+    rows, prompt_lens, row_image, score, first = [], [], [], ([], [], [], []), []
     pair = 0
     for i, (ex, (prompt_ids, prefix_ids), cs) in enumerate(zip(examples, ctxs, conts)):
         longest = max(len(c) for c in cs)
         prompt_ids, _ = _fit(prompt_ids, len(prefix_ids) + longest, block_size, ex.id)
         ctx = prompt_ids + prefix_ids
+        first.append(len(score[0]))  # the first token of choice 0 is read right after ctx
         for j, c in enumerate(cs):
             if j == 0 or not one_row:
                 rows.append((ctx + c)[:-1])
@@ -196,7 +199,7 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
     out = {"images": images, "has_image": has_image, "idx": idx, "prompt_mask": prompt_mask,
            "n_choices": [len(cs) for cs in conts], "answer": [ex.answer for ex in examples],
            "ids": [ex.id for ex in examples], "image_paths": [ex.image for ex in row_image]}
-    for name, lst in zip(("score_row", "score_pos", "score_tok", "score_choice"), score):
+    for name, lst in zip(("score_row", "score_pos", "score_tok", "score_choice", "first_score"), (*score, first)):
         out[name] = torch.tensor(lst, dtype=torch.long)
     # for a model that runs its head only where targets != -100 (llm.py): mark the scored
     # positions, and say which of the N head outputs (row-major order) each scored token reads
@@ -219,12 +222,24 @@ def choice_scores(logits, batch):
                                            padding_value=-float("inf"))
 
 
-def score_choices(model, batch):
-    """(B, C) log-likelihood of each example's choices under model (a VLM), running its head
-    only at the scored positions. batch: choice_batch's, optionally with cached "features"."""
+def scored_logits(model, batch):
+    """(N, V) logits of model (a VLM) at choice_batch's scored positions only (its head runs
+    nowhere else). batch: choice_batch's, optionally with cached "features"."""
     logits, _ = model(batch["images"], batch["idx"], batch["score_targets"], batch["prompt_mask"],
-                      batch["has_image"], batch.get("features"))  # (N, V)
-    return choice_scores(logits, batch)
+                      batch["has_image"], batch.get("features"))
+    return logits
+
+
+def score_choices(model, batch):
+    """(B, C) log-likelihood of each example's choices under model (a VLM)."""
+    return choice_scores(scored_logits(model, batch), batch)
+
+
+def next_tokens(logits, batch):
+    """(B,) the greedy next token after each example's prompt + answer_prefix: one step of greedy
+    generation, read from the same logits as the choices' (MemVP's eval.py generates one token
+    after "The answer is"). logits: (N, V) from scored_logits."""
+    return logits[batch["score_index"].to(logits.device)[batch["first_score"].to(logits.device)]].argmax(dim=-1)
 
 
 def to_device(batch, device):

@@ -4,6 +4,7 @@ and the official accuracy categories.
     root/problems.json             {pid: {question, choices, answer, hint, image, subject, grade, split, ...}}
     root/pid_splits.json           {"train": [pid, ...], "val": [...], "test": [...], "minival": ...}
     root/images/{split}/{pid}/image.png
+    root/captions.json             {"captions": {pid: caption}}  (only for context="caption")
 
 `load_scienceqa` turns one split into `Example`s (data/batch.py) with MemVP's
 QCM-A prompt (DESIGN.md section 5)
@@ -11,13 +12,19 @@ QCM-A prompt (DESIGN.md section 5)
     Question: {question}\\nContext: {hint or N/A}\\nOptions: (A) {c0} (B) {c1}\\nResponse:
 
 and the target " The answer is A." (answer="letter", the published baselines'
-format) or " The answer is {choice text}." (answer="text"). `score` reports
-the categories of the official evaluation (ScienceQA's tools/evaluate_acc.py).
-The synthetic set in shapes.py is written in this same layout and read here.
+format) or " The answer is {choice text}." (answer="text"). context="caption"
+adds the image's caption after the hint, as MemVP's and LaVIN's eval.py do;
+target="qcm-ale" appends " BECAUSE: {lecture} {solution}", LaVIN's QCM-ALE.
+
+`score` reports the categories of the official evaluation (ScienceQA's
+tools/evaluate_acc.py) and `parse_letter` reads a generated answer as MemVP's
+eval.py does. The synthetic
+set in shapes.py is written in this same layout and read here.
 
     python -m data.scienceqa --download [--data_dir DIR]     # fetch, unpack, verify
 """
 import os
+import re
 import string
 import warnings
 from collections import Counter
@@ -33,14 +40,16 @@ URLS = {
     "val.zip": "https://scienceqa.s3.us-west-1.amazonaws.com/images/val.zip",
     "test.zip": "https://scienceqa.s3.us-west-1.amazonaws.com/images/test.zip",
 }
+CAPTIONS_URL = "https://raw.githubusercontent.com/lupantech/ScienceQA/main/data/captions.json"
 SIZES = {"train": 12726, "val": 4241, "test": 4241}  # problems per split in the official release
 ANSWER_PREFIX = " The answer is"
 CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 
 
-def build_prompt(question, hint, choices):
-    """MemVP's QCM input, ending in "Response:" (no trailing space: the target starts with one)."""
-    context = (hint or "").strip() or "N/A"
+def build_prompt(question, hint, choices, caption=""):
+    """MemVP's QCM input, ending in "Response:" (no trailing space: the target starts with one).
+    The context is the hint, then the caption if one is given, as MemVP's get_context_text."""
+    context = " ".join([hint or "", caption or ""]).strip() or "N/A"
     options = " ".join(f"({letter}) {c}" for letter, c in zip(string.ascii_uppercase, choices))
     prompt = f"Question: {question}\nContext: {context}\nOptions: {options}\nResponse:"
     return prompt.replace("  ", " ").strip()  # as MemVP/LaVIN do
@@ -76,12 +85,15 @@ def _image_path(root, pid, p, split):
     return os.path.join(root, "images", p.get("split", split), pid, p["image"])
 
 
-def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=True) -> list[Example]:
+def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=True, context="hint",
+                   target="qcm-a") -> list[Example]:
     """One split as Examples. strict: stop at the first bad problem with a DataError
-    naming it; otherwise skip bad problems with one warning saying how many and why."""
-    if answer not in ("letter", "text"):
-        raise ValueError(f"answer must be 'letter' or 'text', got {answer!r}")
+    naming it; otherwise skip bad problems with one warning saying how many and why.
+    context: "hint", or "caption" (hint + root/captions.json's caption); target: "qcm-a" or "qcm-ale"."""
+    if answer not in ("letter", "text") or context not in ("hint", "caption") or target not in ("qcm-a", "qcm-ale"):
+        raise ValueError(f"bad answer/context/target: {answer!r}, {context!r}, {target!r}")
     check_dir(root, "ScienceQA", f"python -m data.scienceqa --download --data_dir {root}")
+    captions = _captions(root) if context == "caption" else {}
     problems_file, splits_file = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
     problems, splits = read_json(problems_file), read_json(splits_file)
     if not isinstance(problems, dict) or not isinstance(splits, dict):
@@ -104,7 +116,7 @@ def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=Tru
         if error:
             skipped.append(error)
             continue
-        examples.append(_example(pid, problems[pid], root, split, answer))
+        examples.append(_example(pid, problems[pid], root, split, answer, captions.get(pid, ""), target))
     if skipped:
         kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(kind for kind, _ in skipped).items())
         warnings.warn(f"ScienceQA {split}: skipped {len(skipped)} of {len(splits[split])} problems ({kinds}); "
@@ -112,15 +124,37 @@ def load_scienceqa(root=DEFAULT_ROOT, split="train", answer="letter", strict=Tru
     return examples
 
 
-def _example(pid, p, root, split, answer):
+def _captions(root):
+    """{pid: caption} from root/captions.json, the file MemVP and LaVIN read for context="caption"."""
+    path = os.path.join(root, "captions.json")
+    if not os.path.isfile(path):
+        raise DataError(f"--context caption needs {path}: download {CAPTIONS_URL} to it")
+    captions = read_json(path)
+    if not isinstance(captions, dict) or not isinstance(captions.get("captions"), dict):
+        raise DataError(f'{path} must hold {{"captions": {{pid: caption}}}}, as the official file does')
+    return captions["captions"]
+
+
+def build_target(letter_or_text, lecture="", solution="", target="qcm-a"):
+    """The target: ' The answer is A.' (QCM-A), or LaVIN's QCM-ALE output with a leading space,
+    ' The answer is A. BECAUSE: {lecture} {solution}': newlines written as \\n, double spaces
+    replaced once, stripped, as LaVIN's create_training_example (so with neither text it ends
+    in "BECAUSE:", as LaVIN's does: its line meant to drop that assigns to an unused name)."""
+    if target == "qcm-a":
+        return f"{ANSWER_PREFIX} {letter_or_text}."
+    lecture, solution = (lecture or "").replace("\n", "\\n"), (solution or "").replace("\n", "\\n")
+    return " " + f"The answer is {letter_or_text}. BECAUSE: {lecture} {solution}".replace("  ", " ").strip()
+
+
+def _example(pid, p, root, split, answer, caption="", target="qcm-a"):
     choices, hint = p["choices"], p.get("hint") or ""
     letters = string.ascii_uppercase[:len(choices)]
     shown = letters if answer == "letter" else choices
     has_image = bool(p.get("image"))
     return Example(
         id=pid,
-        prompt=build_prompt(p["question"], hint, choices),
-        target=f"{ANSWER_PREFIX} {shown[p['answer']]}.",
+        prompt=build_prompt(p["question"], hint, choices, caption),
+        target=build_target(shown[p["answer"]], p.get("lecture"), p.get("solution"), target),
         image=_image_path(root, pid, p, split) if has_image else None,
         answer_prefix=ANSWER_PREFIX,
         choices=[f" {c}" for c in shown],
@@ -165,6 +199,14 @@ def score(examples, predictions) -> dict:
             total[cat] += 1
             right[cat] += ok
     return {c: 100.0 * right[c] / total[c] if total[c] else None for c in CATEGORIES}
+
+
+def parse_letter(text, n_choices) -> int:
+    """A generated answer as MemVP's eval.py reads it: the first capital letter in the text,
+    as an option index if it is one of the n_choices letters, else -1 (invalid, counted wrong)."""
+    found = re.search(r"[A-Z]", text)
+    letter = found.group() if found else ""
+    return string.ascii_uppercase.index(letter) if letter and letter in string.ascii_uppercase[:n_choices] else -1
 
 
 def format_scores(rows) -> str:

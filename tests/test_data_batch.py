@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import data.batch as batch
-from data.batch import DataError, Example, choice_batch, choice_scores, collate, pick_choices
+from data.batch import DataError, Example, choice_batch, choice_scores, collate, next_tokens, pick_choices
 from data.tokenizer import EOT, get_encoding
 
 enc = get_encoding()
@@ -143,6 +143,23 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
     assert (single["score_targets"] != -100).sum() == 1 and single["score_index"].tolist() == [0, 0]  # shared
     with pytest.raises(DataError, match="example 9 has no choices"):
         choice_batch([Example(id="9", prompt="A picture of", target=" x", image=None)], enc, tiny_transform, 64)
+
+
+def test_next_tokens_is_one_step_of_greedy_generation():
+    """What the published ScienceQA protocol reads: the argmax token after prompt + " The answer is",
+    from the compact (N, V) logits, in both layouts; compared with running each context alone."""
+    model = CausalBag()
+    exs = [qa(0, "Q: what?\nResponse:", [" a big red ball", " blue", " a small square"], 2),
+           qa(1, "Q: which colour is it?\nResponse:", [" A", " B"], 1),
+           qa(2, "Q: x?\nResponse:", [" A", " B", " C"], 0)]
+    for chunk in (exs, exs[1:]):  # one row per (example, choice), then one row per example
+        b = choice_batch(chunk, enc, tiny_transform, 64)
+        with torch.no_grad():
+            compact = model(b["idx"])[b["score_targets"] != -100]  # (N, V)
+            alone = [int(model(torch.tensor([enc.encode_ordinary(ex.prompt + ex.answer_prefix)]))[0, -1].argmax())
+                     for ex in chunk]
+        assert next_tokens(compact, b).tolist() == alone
+        assert len(set(alone)) > 1  # the examples' next tokens differ, so a row mix-up would show
 
 
 def test_load_image_leaves_transparency_to_preprocess(tmp_path):

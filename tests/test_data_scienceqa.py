@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data.batch import DataError, collate
-from data.scienceqa import format_scores, load_scienceqa, main, score
+from data.scienceqa import format_scores, load_scienceqa, main, parse_letter, score
 from data.tokenizer import EOT, get_encoding
 
 PROBLEMS = {
@@ -37,10 +37,11 @@ def write_tree(root, problems=PROBLEMS, splits=SPLITS):
         json.dump(problems, f)
     with open(os.path.join(root, "pid_splits.json"), "w") as f:
         json.dump(splits, f)
-    for pid, rgb in COLOURS.items():
-        folder = os.path.join(root, "images", problems[pid]["split"], pid)
-        os.makedirs(folder, exist_ok=True)
-        Image.new("RGB", (40, 30), rgb).save(os.path.join(folder, "image.png"))
+    for pid, p in problems.items():
+        if isinstance(p, dict) and p.get("image"):  # a damaged problem (tests/test_bad_input.py) gets none
+            folder = os.path.join(root, "images", p["split"], pid)
+            os.makedirs(folder, exist_ok=True)
+            Image.new("RGB", (40, 30), COLOURS.get(pid, (128, 128, 128))).save(os.path.join(folder, "image.png"))
     return str(root)
 
 
@@ -89,6 +90,75 @@ def test_scorer_categories(sqa):
     table = format_scores({"dehvf": s, "none": only_two})
     assert table.splitlines()[0].split() == ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
     assert table.splitlines()[1].split()[-1] == "75.00" and table.splitlines()[2].split()[1] == "-"
+
+
+# Every official category and both grade edges, answered right (R) or wrong (W); the expected table
+# is worked out by hand from ScienceQA's tools/evaluate_acc.py: NAT/SOC/LAN by subject, TXT = has a
+# hint, IMG = has an image, NO = neither, G1-6 = grade1..grade6, G7-12 = grade7..grade12.
+#   pid subject  hint image grade  -> categories          answer
+#   a   natural  yes  yes   1      NAT TXT IMG G1-6       R
+#   b   natural  no   yes   6      NAT IMG G1-6           W  (image only: not NO; grade 6 is G1-6)
+#   c   social   no   no    7      SOC NO G7-12           R  (grade 7 is G7-12)
+#   d   social   yes  no    12     SOC TXT G7-12          W
+#   e   language no   no    6      LAN NO G1-6            R
+#   f   language yes  no    7      LAN TXT G7-12          W
+#   g   natural  no   no    3      NAT NO G1-6            R
+#   h   social   no   yes   9      SOC IMG G7-12          W  (predicted -1: an invalid generated answer)
+#   i   language yes  yes   6      LAN TXT IMG G1-6       R
+HAND = {"a": ("natural science", "A hint.", 1, True), "b": ("natural science", "", 6, False),
+        "c": ("social science", "", 7, True), "d": ("social science", "A hint.", 12, False),
+        "e": ("language science", "", 6, True), "f": ("language science", "A hint.", 7, False),
+        "g": ("natural science", "", 3, True), "h": ("social science", "", 9, False),
+        "i": ("language science", "A hint.", 6, True)}
+WITH_IMAGE = {"a", "b", "h", "i"}
+HAND_TABLE = {"NAT": 200 / 3, "SOC": 100 / 3, "LAN": 200 / 3, "TXT": 50.0, "IMG": 50.0, "NO": 100.0,
+              "G1-6": 80.0, "G7-12": 25.0, "Avg": 500 / 9}
+
+
+def test_scorer_against_a_table_worked_out_by_hand(tmp_path):
+    problems = {pid: {"question": f"Q {pid}?", "choices": ["x", "y", "z"], "answer": 1, "hint": hint,
+                      "image": "image.png" if pid in WITH_IMAGE else None, "subject": subject,
+                      "grade": f"grade{grade}", "split": "test"}
+                for pid, (subject, hint, grade, _) in HAND.items()}
+    root = write_tree(tmp_path / "hand", problems, {"test": list(HAND)})
+    examples = load_scienceqa(root, "test")
+    predictions = {pid: 1 if right else (-1 if pid == "h" else 2) for pid, (*_, right) in HAND.items()}
+    s = score(examples, predictions)
+    assert s.keys() == HAND_TABLE.keys()
+    for cat, expected in HAND_TABLE.items():
+        assert s[cat] == pytest.approx(expected), cat
+
+
+@pytest.mark.parametrize("text, n_choices, expected", [
+    (" A", 4, 0), ("C", 3, 2), (" B.", 2, 1), ("(D)", 4, 3),
+    (" E", 4, -1),        # a letter beyond the options: invalid
+    (" The", 5, -1),      # the first capital is T: invalid, as MemVP's eval.py
+    (" Answer", 2, 0),    # ... and here A, as MemVP's regex finds it
+    (" b", 2, -1), ("", 2, -1), (" 2", 2, -1),
+])
+def test_parse_letter_as_memvp(text, n_choices, expected):
+    assert parse_letter(text, n_choices) == expected
+
+
+def test_caption_context_and_qcm_ale_target(sqa):
+    with open(os.path.join(sqa, "captions.json"), "w") as f:
+        json.dump({"captions": {"1": "A blue sky.", "2": "Ohio on a map."}}, f)
+    plain = load_scienceqa(sqa, "train")
+    captioned = load_scienceqa(sqa, "train", context="caption")
+    assert captioned[0].prompt == ("Question: Which color is the sky?\nContext: Look at the picture. A blue sky.\n"
+                                   "Options: (A) green (B) blue\nResponse:")
+    assert "\nContext: Ohio on a map.\n" in captioned[1].prompt  # no hint: the caption alone
+    assert captioned[2].prompt == plain[2].prompt and "\nContext: N/A\n" in captioned[2].prompt  # no caption
+    some_right = {"1": 1, "2": 0, "3": 0, "4": 0}
+    assert score(captioned, some_right) == score(plain, some_right)  # TXT is still "has a hint"
+    problems = {**PROBLEMS, "2": {**PROBLEMS["2"], "lecture": "States are\nparts.", "solution": "Rome  is a city."}}
+    ale = load_scienceqa(write_tree(sqa, problems), "train", target="qcm-ale")
+    assert ale[1].target == " The answer is C. BECAUSE: States are\\nparts. Rome is a city."
+    assert ale[0].target == " The answer is B. BECAUSE:"  # no lecture, no solution: as LaVIN writes it
+    assert ale[1].choices == plain[1].choices and ale[1].prompt == plain[1].prompt
+    os.remove(os.path.join(sqa, "captions.json"))
+    with pytest.raises(DataError, match=r"--context caption needs .*captions.json: download https://"):
+        load_scienceqa(sqa, "train", context="caption")
 
 
 def test_collated_targets_decode_to_the_answer(sqa):
