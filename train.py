@@ -143,11 +143,11 @@ def get_args(argv=None):
 def check_args(p, args):
     """Refuse at parse time what cannot make a run: nan, inf, numbers out of range, unknown devices."""
     positive = {"lr": 10, "gate_lr": 10, "epochs": 1e6}  # > 0 and at most this: lr > 10 diverges on anything
-    bounds = {"min_lr": (0, args.lr), "weight_decay": (0, 10), "grad_clip": (0, 1e6), "warmup": (0, 1e9),
+    bounds = {**{k: (0, high) for k, high in positive.items()}, "min_lr": (0, args.lr), "weight_decay": (0, 10), "grad_clip": (0, 1e6), "warmup": (0, 1e9),
               "max_steps": (1, 1e9), "eval_interval": (1, 1e9), "eval_samples": (1, 1e9), "seed": (0, 2**63 - 1),
               # 65536: only a typo asks for a batch (or a projector rank) that no memory holds
               "batch_size": (1, 65536), "grad_accum": (1, 65536), "rank": (1, 65536), "pool": (1, 1024),
-              "n_train": (1, 1e7), "n_val": (1, 1e7), **{k: (0, high) for k, high in positive.items()}}
+              "n_train": (1, 1e7), "n_val": (1, 1e7)}
     for name, (low, high) in bounds.items():
         v = getattr(args, name, None)
         if v is not None and not ((low < v if name in positive else low <= v) and v <= high):  # nan fails too
@@ -406,7 +406,7 @@ def main(argv=None):
     enc = get_encoding()
     train_set, val_set, test_set = load_data(args)
     global_batch = args.batch_size * args.grad_accum * world
-    if not train_set or not val_set:
+    if not args.eval_only and (not train_set or not val_set):
         raise DataError(f"{args.data_dir} has no {'training' if not train_set else 'validation'} examples: "
                         f"check --data_dir")
     if global_batch > len(train_set) and not args.eval_only:
@@ -482,10 +482,10 @@ def main(argv=None):
             state = vlm.checkpoint_state(model, args.llm, args.vit)
             state.update(step=step, best=max(best, scores["metric"]), rng=torch.get_rng_state(),
                          train_args=vars(args), optimizer=optimizer.state_dict() if optimizer else None)
-            if master:
-                save(state, ckpt_path)
+            if master:  # best.pt first: a kill between the two never leaves a ckpt.pt that counts a best.pt not written
                 if scores["metric"] > best:
                     save(state, os.path.join(args.out_dir, "best.pt"))
+                save(state, ckpt_path)
             best = max(best, scores["metric"])
             t0 = time.time()
         if step == max_steps or optimizer is None:

@@ -227,7 +227,7 @@ def test_an_untrusted_checkpoint_is_one_line_that_never_advises_unsafe_loading(r
 # ---------------------------------------------------------------- OSError: space, a file where a folder should be
 
 @pytest.mark.parametrize("extra, limit, culprit", [
-    ([], 8_000_000, "ckpt.pt"),  # the first checkpoint (33 MB) does not fit
+    ([], 8_000_000, "best.pt"),  # the first checkpoint (33 MB; best.pt is written before ckpt.pt) does not fit
     (["--cache_features", "disk"], 100_000, "features-"),  # nor the feature cache (~0.9 MB)
 ])
 def test_a_full_disk_is_reported_as_such(shapes_dir, tmp_path, extra, limit, culprit):
