@@ -172,37 +172,43 @@ def decoder_batch(rng, vocab, recipe, block_size):
     return idx, tgt
 
 
-def train_decoder(config: GPTConfig, recipe: DecoderRecipe, seed=0, progress=True, every=None):
+def train_decoder(config: GPTConfig, recipe: DecoderRecipe, seed=0, progress=True):
     """A GPT-2-shaped decoder (full vocabulary) trained on shapes text; see Vocab for the trick."""
     torch.manual_seed(seed)
     vocab = vocabulary(seed)
     small = GPT(GPTConfig(**{**asdict(config), "vocab_size": vocab.size}))
-    decay = [p for p in small.parameters() if p.dim() >= 2]
-    rest = [p for p in small.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     offset = torch.zeros(vocab.size)
     offset[vocab.other] = math.log(vocab.n_other)
     rng = random.Random(seed + 1)
-    bar = tqdm(range(recipe.steps), desc="pretrain decoder", disable=not progress)
+
+    def loss():
+        idx, targets = decoder_batch(rng, vocab, recipe, config.block_size)
+        keep = targets != -100
+        logits = small.lm_head(small.hidden(idx)[keep]) + offset  # (N, V_small)
+        return F.cross_entropy(logits, targets[keep])
+
+    _optimise(list(small.parameters()), recipe, loss, "pretrain decoder", progress)
+    return export_decoder(small, vocab, config)
+
+
+def _optimise(params, recipe, loss, desc, progress):
+    """The loop both pretrainings share: AdamW (decay on matrices only), linear warm-up then cosine
+    to 0, gradients clipped at 1; loss() computes one batch's loss."""
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=recipe.lr, betas=(0.9, 0.95))
+    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress)
     for step in bar:
         lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx, targets = decoder_batch(rng, vocab, recipe, config.block_size)
-        h = small.hidden(idx)
-        keep = targets != -100
-        logits = small.lm_head(h[keep]) + offset  # (N, V_small)
-        loss = F.cross_entropy(logits, targets[keep])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(small.parameters(), 1.0)
+        value = loss()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if every and (step + 1) % every == 0:
-            print(step + 1, decoder_accuracy(export_decoder(small, vocab, config), n=300), flush=True)
-    return export_decoder(small, vocab, config)
+            bar.set_postfix(loss=f"{value.item():.3f}")
 
 
 def export_decoder(small, vocab, config):
@@ -282,24 +288,13 @@ def train_vit(config: ViTConfig, recipe: ViTRecipe, seed=0, progress=True):
     torch.manual_seed(seed)
     pixels, shape_of, _ = vit_data(recipe.images, config.image_size, config.grid, seed, progress)
     vit, heads = ViT(config), ViTHeads(config.width)
-    params = list(vit.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=recipe.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(recipe.steps), desc="pretrain ViT", disable=not progress)
-    for step in bar:
-        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+    def loss():
         pick = torch.randint(recipe.images, (recipe.batch_size,), generator=gen)
-        loss = heads.loss(vit(pixels[pick])[-1], shape_of[pick])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return heads.loss(vit(pixels[pick])[-1], shape_of[pick])
+
+    _optimise(list(vit.parameters()) + list(heads.parameters()), recipe, loss, "pretrain ViT", progress)
     return vit, heads
 
 
