@@ -146,11 +146,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             nn.init.zeros_(module.bias)
 
-    def lm_head(self, h):  # tied to the token embedding, as in GPT-2
-        return F.linear(h, self.transformer.wte.weight)
-
     def hidden(self, idx, memory=None, prefix=None, cache=None):
-        """Final hidden states (after ln_f) of the text positions: (B, T, d).
+        """The trunk: final hidden states (after ln_f) of the text positions, (B, T, d).
         prefix: (B, P, d) input embeddings placed before idx; their outputs are dropped."""
         past = len(cache) if cache is not None else 0
         x = self.transformer.wte(idx)  # (B, T, d)
@@ -166,19 +163,20 @@ class GPT(nn.Module):
             x = block(x, layer, memory, cache)
         return self.transformer.ln_f(x[:, P:])
 
-    def forward(self, idx, targets=None, memory=None, prefix=None, cache=None):
-        """Without targets: logits at every position, (B, T, V), and loss None.
-        With targets ((B, T), -100 = no target): the head runs only where there is a
-        target, so logits are (N, V) for those N positions, plus the mean loss."""
-        return self.head(self.hidden(idx, memory, prefix, cache), targets)
+    def lm_head(self, h):
+        """Logits (..., V) of hidden states h (..., d), the head tied to the token embedding as in
+        GPT-2. Give it only the positions you need: at GPT-2 small's 50,257 words it costs as much as
+        five blocks, so training passes only the positions that have a target (model.py)."""
+        return F.linear(h, self.transformer.wte.weight)
 
-    def head(self, h, targets=None):
-        """(logits, loss) from final hidden states h (B, T, d), as forward describes."""
-        if targets is None:
-            return self.lm_head(h), None
-        has_target = targets != -100
-        logits = self.lm_head(h[has_target])  # boolean indexing copies: (N, d) contiguous -> (N, V)
-        return logits, F.cross_entropy(logits.float(), targets[has_target])
+    def forward(self, idx, targets=None, memory=None, prefix=None, cache=None):
+        """nanoGPT's: logits at every position, (B, T, V), and the mean loss over the targets
+        ((B, T), -100 = no target), or None without targets."""
+        logits = self.lm_head(self.hidden(idx, memory, prefix, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, memory=None, prefix=None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pretrain
 from fuser import FuserConfig, HierarchicalFuser
@@ -101,8 +102,17 @@ class VLM(nn.Module):
         return self.gpt.hidden(idx, memory=self.fuser.memory(features, prompt_mask, has_image))
 
     def forward(self, images, idx, targets=None, prompt_mask=None, has_image=None, features=None):
-        """(logits, loss) as GPT.forward: (B, T, V) without targets, (N, V) at the N targets with."""
-        return self.gpt.head(self.hidden(images, idx, prompt_mask, has_image, features), targets)
+        """(logits, loss), nanoGPT's pair, with its saving where this model spends it: without
+        targets, logits at every position, (B, T, V), and loss None; with targets ((B, T), -100 = no
+        target) the head runs only where there is a target (the loss needs no other, and at 50k
+        words the head is a large part of a step): logits (N, V) for those N positions in row-major
+        order, and their mean cross-entropy."""
+        h = self.hidden(images, idx, prompt_mask, has_image, features)  # (B, T, d)
+        if targets is None:
+            return self.gpt.lm_head(h), None
+        scored = targets != -100
+        logits = self.gpt.lm_head(h[scored])  # boolean indexing copies: (N, d) contiguous -> (N, V)
+        return logits, F.cross_entropy(logits.float(), targets[scored])
 
     @torch.no_grad()
     def generate(self, images, prompt_idx, max_new_tokens, temperature=0.0, top_k=None,

@@ -165,10 +165,10 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
         score_choice (M,) long: which (example, choice) pair each token belongs to,
             pairs numbered example by example: example 0's choices, then example 1's ...
         n_choices list[int] (B,), answer list[int | None] (B,), ids list[str] (B,)
-        score_targets (R, T): 0 at scored positions, -100 elsewhere; score_index (M,):
-            for logits computed only at the N scored positions (row-major), the one token m reads
+        score_targets (R, T): 0 at scored positions, -100 elsewhere, so that the model's head runs
+            there only; score_index (M,): which of those N positions (row-major) token m reads
         first_score (B,) long: the scored token m that follows each example's prompt + answer_prefix
-    Use: logits = model(...), then pick_choices(logits, batch) -> B predictions.
+    Use: pick_choices(scored_logits(model, batch), batch) -> B predictions.
     """
     ctxs, conts = [], []  # per example: context ids, list of choice ids
     for ex in examples:
@@ -201,7 +201,7 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
            "ids": [ex.id for ex in examples], "image_paths": [ex.image for ex in row_image]}
     for name, lst in zip(("score_row", "score_pos", "score_tok", "score_choice", "first_score"), (*score, first)):
         out[name] = torch.tensor(lst, dtype=torch.long)
-    # for a model that runs its head only where targets != -100 (llm.py): mark the scored
+    # for a model that runs its head only where targets != -100 (model.py): mark the scored
     # positions, and say which of the N head outputs (row-major order) each scored token reads
     flat = out["score_row"] * idx.shape[1] + out["score_pos"]
     positions, out["score_index"] = torch.unique(flat, return_inverse=True)  # (N,), (M,)
@@ -210,11 +210,8 @@ def choice_batch(examples, enc, image_transform, block_size) -> dict:
 
 
 def choice_scores(logits, batch):
-    """(B, C) summed log-probability of each example's choices, -inf where an example has
-    fewer than C. logits: all of them, (R, T, V), or only those at the scored positions,
-    (N, V) row-major, as a model whose head runs where batch["score_targets"] != -100 gives."""
-    if logits.dim() == 3:
-        logits = logits[batch["score_targets"].to(logits.device) != IGNORE]  # (N, V)
+    """(B, C) summed log-probability of each example's choices, -inf where an example has fewer
+    than C. logits: (N, V), at the scored positions only (row-major), as scored_logits gives."""
     index, tok, pair = (batch[k].to(logits.device) for k in ("score_index", "score_tok", "score_choice"))
     tok_logp = torch.log_softmax(logits.float(), dim=-1)[index, tok]  # (M,)
     pairs = torch.zeros(sum(batch["n_choices"]), device=logits.device).index_add_(0, pair, tok_logp)
@@ -223,8 +220,8 @@ def choice_scores(logits, batch):
 
 
 def scored_logits(model, batch):
-    """(N, V) logits of model (a VLM) at choice_batch's scored positions only (its head runs
-    nowhere else). batch: choice_batch's, optionally with cached "features"."""
+    """(N, V) logits of model (a VLM) at choice_batch's scored positions only: given them as
+    targets, its head runs nowhere else. batch: choice_batch's, optionally with cached "features"."""
     logits, _ = model(batch["images"], batch["idx"], batch["score_targets"], batch["prompt_mask"],
                       batch["has_image"], batch.get("features"))
     return logits
@@ -247,7 +244,7 @@ def to_device(batch, device):
 
 
 def pick_choices(logits, batch) -> list[int]:
-    """The index of the most likely choice of every example."""
+    """The index of the most likely choice of every example. logits: (N, V) from scored_logits."""
     return choice_scores(logits, batch).argmax(dim=-1).tolist()
 
 

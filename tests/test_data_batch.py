@@ -87,8 +87,14 @@ class CausalBag(torch.nn.Module):
         return self.out(x)
 
 
+def scored(full, b):
+    """(R, T, V) logits at every position -> (N, V) at the scored ones, as scored_logits gives them
+    (the VLM's head runs only where score_targets != -100)."""
+    return full[b["score_targets"] != -100]
+
+
 def gold_logits(b, exs):
-    """Logits that put all their mass on the right continuation of each row's example."""
+    """Scored logits, (N, V), that put all their mass on the right continuation of each row's example."""
     R, T = b["idx"].shape
     logits = torch.full((R, T, 50257), -20.0)
     example_of_pair = [i for i, n in enumerate(b["n_choices"]) for _ in range(n)]
@@ -97,7 +103,7 @@ def gold_logits(b, exs):
         gold = enc.encode_ordinary(ex.prompt) + enc.encode_ordinary(ex.answer_prefix + ex.choices[ex.answer])
         for t in range(min(T, len(gold) - 1)):
             logits[r, t, gold[t + 1]] = 20.0
-    return logits
+    return scored(logits, b)
 
 
 def test_choice_batch_one_token_choices():
@@ -127,18 +133,17 @@ def test_choice_batch_multi_token_choices_and_layouts_agree():
     assert single["idx"].shape[0] == 1
     per_choice = choice_batch(exs[1:] + exs[:1], enc, tiny_transform, 64)  # multi-token example forces rows
     with torch.no_grad():
-        s1 = choice_scores(model(single["idx"]), single)[0]
-        s2 = choice_scores(model(per_choice["idx"]), per_choice)[0, :2]  # padded to the other example's 3
+        s1 = choice_scores(scored(model(single["idx"]), single), single)[0]
+        s2 = choice_scores(scored(model(per_choice["idx"]), per_choice), per_choice)[0, :2]  # padded to 3
     assert torch.allclose(s1, s2, atol=1e-5) and not torch.allclose(s1[0], s1[1])
-    # the head may run only where score_targets != -100 (row-major): score_index says which output each token reads
+    # the head runs only where score_targets != -100 (row-major): score_index says which output each token reads
     with torch.no_grad():
         full = model(per_choice["idx"])  # (R, T, V)
-    compact = torch.log_softmax(full[per_choice["score_targets"] != -100], -1)  # (N, V)
-    tok_logp = compact[per_choice["score_index"], per_choice["score_tok"]]
+    logp = torch.log_softmax(full, -1)
+    tok_logp = logp[per_choice["score_row"], per_choice["score_pos"], per_choice["score_tok"]]  # read in place
     pairs = torch.zeros(5).index_add_(0, per_choice["score_choice"], tok_logp)
-    scores = choice_scores(full, per_choice)  # (2, 3): the 2-choice example padded with -inf
+    scores = choice_scores(scored(full, per_choice), per_choice)  # (2, 3): the 2-choice example padded with -inf
     assert torch.isinf(scores[0, 2]) and torch.allclose(scores[torch.isfinite(scores)], pairs, atol=1e-5)
-    assert torch.allclose(choice_scores(full[per_choice["score_targets"] != -100], per_choice), scores)
     assert (per_choice["score_targets"] != -100).sum() == len(per_choice["score_tok"])  # each position scored once
     assert (single["score_targets"] != -100).sum() == 1 and single["score_index"].tolist() == [0, 0]  # shared
     with pytest.raises(DataError, match="example 9 has no choices"):
@@ -155,7 +160,7 @@ def test_next_tokens_is_one_step_of_greedy_generation():
     for chunk in (exs, exs[1:]):  # one row per (example, choice), then one row per example
         b = choice_batch(chunk, enc, tiny_transform, 64)
         with torch.no_grad():
-            compact = model(b["idx"])[b["score_targets"] != -100]  # (N, V)
+            compact = scored(model(b["idx"]), b)  # (N, V)
             alone = [int(model(torch.tensor([enc.encode_ordinary(ex.prompt + ex.answer_prefix)]))[0, -1].argmax())
                      for ex in chunk]
         assert next_tokens(compact, b).tolist() == alone

@@ -258,7 +258,7 @@ def test_attention_is_causal():
 
 
 @torch.no_grad()
-def test_targets_give_logits_where_there_is_a_target():
+def test_targets_give_the_loss_and_the_head_can_run_where_there_is_a_target():
     model = tiny_model()
     idx = torch.randint(0, model.config.vocab_size, (2, 10))
     targets = torch.randint(0, model.config.vocab_size, (2, 10))
@@ -267,9 +267,11 @@ def test_targets_give_logits_where_there_is_a_target():
     full, _ = model(idx)
     logits, loss = model(idx, targets=targets)
     keep = targets != -100
-    assert logits.shape == (11, model.config.vocab_size)
-    assert max_diff(logits, full[keep]) <= 1e-5
-    assert abs(loss.item() - F.cross_entropy(full.view(-1, full.size(-1)), targets.view(-1)).item()) <= 1e-5
+    assert logits.shape == full.shape == (2, 10, model.config.vocab_size) and torch.equal(logits, full)
+    assert abs(loss.item() - F.cross_entropy(full[keep], targets[keep]).item()) <= 1e-5
+    # forward's two halves: the head run only at the 11 positions with a target gives their logits
+    compact = model.lm_head(model.hidden(idx)[keep])
+    assert compact.shape == (11, model.config.vocab_size) and max_diff(compact, full[keep]) <= 1e-5
 
 
 def test_context_overflow_is_an_error():

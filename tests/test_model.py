@@ -78,9 +78,11 @@ def test_identity_at_init(mode):
         assert torch.equal(logits, text)
     targets = answer_targets(idx)
     logits, loss = model(images, idx, targets, prompt_mask)
-    text_logits, text_loss = gpt(idx, targets)
+    scored = targets != -100
+    text_logits = gpt.lm_head(gpt.hidden(idx)[scored])
     assert logits.shape == (B * (T - PROMPT), V)  # the head runs only at the targets
-    assert torch.equal(logits, text_logits) and torch.equal(loss, text_loss)
+    assert torch.equal(logits, text_logits) and torch.equal(loss, F.cross_entropy(text_logits, targets[scored]))
+    assert close(loss, gpt(idx, targets)[1], 1e-6)  # GPT.forward's loss, from the head at every position
     model.fuser.gate.fill_(1.0)  # the guard: open the gates and the image is there
     assert not close(model(images, idx, prompt_mask=prompt_mask)[0], text, 1e-3)
 
