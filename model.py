@@ -33,6 +33,10 @@ FREEZE = ("all", "vit", "llm", "none")  # which backbones stay frozen: both, one
 
 
 class VLM(nn.Module):
+    """Images and a prompt in, next-token logits out, with both backbones left as published: the
+    frozen ViT encodes the image, the fuser (or prefix's projector), the only part that trains,
+    turns its features into what the frozen GPT can take in, and the GPT decodes. `hidden`,
+    `forward` and `generate` all read in that order: encode -> fuse -> decode."""
 
     def __init__(self, vit: ViT, gpt: GPT, mode="dehvf", fuser_config=None, freeze="all"):
         super().__init__()
@@ -67,7 +71,7 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.trainable_parameters())
 
     def features(self, images):
-        """What the fusion consumes from each image: the fuser's pooled ViT layers (B, K, N, D_v),
+        """Encode: what the fusion consumes from each image: the fuser's pooled ViT layers (B, K, N, D_v),
         or prefix's penultimate-layer patch tokens (B, P, D_v), without the class token, as LLaVA
         feeds them. With a frozen ViT they are the same every epoch, so train.py can cache them."""
         if self.mode == "none":
@@ -77,29 +81,41 @@ class VLM(nn.Module):
                 return self.vit(images, upto=self.penultimate)[-1][:, 1:]
             return self.fuser.pool_features(self.vit(images, upto=max(self.fuser.layers)))
 
-    def hidden(self, images, idx, prompt_mask=None, has_image=None, features=None):
-        """Final hidden states of the text, (B, T, d). images: (B, 3, S, S); idx: (B, T);
-        prompt_mask: (B, T) bool, the tokens the fuser's selector may read (default: all);
-        has_image: (B,) bool, False = that sample has no image (default: all True): in the memory
-        modes its learned slots act alone (Z = 0), in prefix mode it gets no prefix."""
-        B, T = idx.shape
-        has_image = torch.ones(B, dtype=torch.bool, device=idx.device) if has_image is None else has_image
+    def fuse(self, images, prompt_mask, has_image, features=None) -> dict:
+        """Encode and fuse: what the decoder receives besides the tokens, as GPT keyword arguments:
+        {"memory": the fuser's per-layer FFN slots}, {"prefix": (B, P, d) embeddings}, or {} (mode
+        none, or prefix mode with no image in the batch). The ViT runs only when no features are
+        given and some sample has an image."""
         if self.mode == "none" or (self.mode == "prefix" and not has_image.any()):
-            return self.gpt.hidden(idx)
-        if features is None and has_image.any():  # a batch without images needs no ViT
+            return {}
+        if features is None and has_image.any():
             features = self.features(images)
         if self.mode == "prefix":
-            prefix = self.projector(features)  # (B, P, d)
-            if has_image.all():
-                return self.gpt.hidden(idx, prefix=prefix)
-            # text-only samples must see no prefix and keep positions 0..T-1: run them apart
-            with_image = self.gpt.hidden(idx[has_image], prefix=prefix[has_image])
-            h = with_image.new_empty(B, T, with_image.size(-1))  # the GPT's output dtype (fp32 under autocast)
-            h[has_image] = with_image
-            h[~has_image] = self.gpt.hidden(idx[~has_image])
-            return h
+            return {"prefix": self.projector(features)}
+        return {"memory": self.fuser.memory(features, prompt_mask, has_image)}
+
+    @staticmethod
+    def decode(run, idx, has_image, vision):
+        """run(idx, **vision): GPT.hidden or GPT.generate on the batch. In prefix mode a sample without
+        an image must see no prefix and keep positions 0..T-1, so a mixed batch runs in two parts."""
+        if "prefix" not in vision or has_image.all():
+            return run(idx, **vision)
+        with_image = run(idx[has_image], prefix=vision["prefix"][has_image])
+        out = with_image.new_empty(idx.size(0), *with_image.shape[1:])  # run's dtype (fp32 under autocast)
+        out[has_image] = with_image
+        out[~has_image] = run(idx[~has_image])
+        return out
+
+    def hidden(self, images, idx, prompt_mask=None, has_image=None, features=None):
+        """Final hidden states of the text, (B, T, d). images: (B, 3, S, S), or None with features
+        (the cached output of `features`); idx: (B, T); prompt_mask: (B, T) bool, the tokens the
+        fuser's selector may read (default: all); has_image: (B,) bool, False = that sample has no
+        image (default: all True): in the memory modes its learned slots act alone (Z = 0), in
+        prefix mode it gets no prefix."""
         prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
-        return self.gpt.hidden(idx, memory=self.fuser.memory(features, prompt_mask, has_image))
+        has_image = prompt_mask.new_ones(idx.size(0)) if has_image is None else has_image
+        vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse
+        return self.decode(self.gpt.hidden, idx, has_image, vision)  # -> decode
 
     def forward(self, images, idx, targets=None, prompt_mask=None, has_image=None, features=None):
         """(logits, loss), nanoGPT's pair, with its saving where this model spends it: without
@@ -119,26 +135,11 @@ class VLM(nn.Module):
                  has_image=None, use_cache=True, features=None):
         """Continue prompt_idx (B, T) for an image batch. The ViT and every layer's memory are
         computed once, at prefill, and reused for each new token."""
-        B = prompt_idx.size(0)
-        has_image = torch.ones(B, dtype=torch.bool, device=prompt_idx.device) if has_image is None else has_image
-        if self.mode == "none" or (self.mode == "prefix" and not has_image.any()):
-            return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, use_cache=use_cache)
-        if features is None and has_image.any():
-            features = self.features(images)
-        if self.mode == "prefix":
-            prefix = self.projector(features)  # (B, P, d)
-            if has_image.all():
-                return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, prefix=prefix,
-                                         use_cache=use_cache)
-            # as in hidden: the samples with an image and those without run apart
-            out = prompt_idx.new_empty(B, prompt_idx.size(1) + max_new_tokens)
-            out[has_image] = self.gpt.generate(prompt_idx[has_image], max_new_tokens, temperature, top_k,
-                                               prefix=prefix[has_image], use_cache=use_cache)
-            out[~has_image] = self.gpt.generate(prompt_idx[~has_image], max_new_tokens, temperature, top_k,
-                                                use_cache=use_cache)
-            return out
-        memory = self.fuser.memory(features, torch.ones_like(prompt_idx, dtype=torch.bool), has_image)
-        return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, memory, use_cache=use_cache)
+        prompt_mask = torch.ones_like(prompt_idx, dtype=torch.bool)  # the whole prompt is prompt
+        has_image = prompt_mask.new_ones(prompt_idx.size(0)) if has_image is None else has_image
+        vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse, once
+        run = lambda idx, **v: self.gpt.generate(idx, max_new_tokens, temperature, top_k, use_cache=use_cache, **v)
+        return self.decode(run, prompt_idx, has_image, vision)  # -> decode, token by token
 
 
 # ----------------------------------------------------------------------------- building and checkpoints

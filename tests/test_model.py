@@ -151,7 +151,7 @@ IMAGES = {"all": [True, True, True], "mixed": [True, False, True], "none": [Fals
 
 
 @pytest.mark.parametrize("mode, which", [(mode, "all") for mode in MODES] + [(mode, "mixed") for mode in FUSED]
-                         + [("prefix", "mixed")] + [(mode, "none") for mode in FUSED])
+                         + [("prefix", "mixed")] + [(mode, "none") for mode in FUSED + ("prefix",)])
 def test_generate_with_cache_equals_full_recompute(mode, which):
     model = make(mode)
     images, idx, _ = inputs()
@@ -180,6 +180,8 @@ def test_generate_with_cache_equals_full_recompute(mode, which):
             h = model.hidden(images, seq, prompt_mask, has_image)[:, -1]  # (B, d)
             seq = torch.cat([seq, model.gpt.lm_head(h).argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out[True], seq)
+    if mode == "prefix" and which == "none":  # no image in the batch: the plain GPT, no prefix at all
+        assert torch.equal(out[True], model.gpt.generate(prompt, steps, temperature=0.0))
     if mode != "none" and which == "all":  # the guard: the image moves the logits of the first greedy choice
         with torch.no_grad():
             first = [model(x, prompt)[0][:, -1] for x in (images, inputs(seed=1)[0])]
@@ -195,6 +197,7 @@ def test_samples_without_an_image_at_init_are_the_frozen_gpt(mode):
     text, _ = model.gpt(idx)
     no_images, mixed = torch.zeros(B, dtype=torch.bool), torch.tensor(IMAGES["mixed"])
     assert torch.equal(model(images, idx, prompt_mask=prompt_mask, has_image=no_images)[0], text)
+    assert torch.equal(model(None, idx, prompt_mask=prompt_mask, has_image=no_images)[0], text)  # no pixels needed
     h = model.hidden(images, idx, prompt_mask, has_image=mixed)
     assert torch.equal(h[~mixed], model.gpt.hidden(idx)[~mixed] if mode != "prefix" else model.gpt.hidden(idx[~mixed]))
 
