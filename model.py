@@ -15,6 +15,7 @@ Only the fuser (or prefix's projector) trains unless `freeze` says otherwise.
 `train.py`, `sample.py` and `bench.py` use `VLM.forward`, `VLM.generate` and
 the checkpoint helpers at the bottom.
 """
+import dataclasses
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,8 +41,10 @@ class VLM(nn.Module):
 
     def __init__(self, vit: ViT, gpt: GPT, mode="dehvf", fuser_config=None, freeze="all"):
         super().__init__()
-        assert mode in MODES, f"mode must be one of {MODES}"
-        assert freeze in FREEZE, f"freeze must be one of {FREEZE}"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if freeze not in FREEZE:
+            raise ValueError(f"freeze must be one of {FREEZE}, not {freeze!r}")
         self.vit, self.gpt, self.mode, self.freeze = vit, gpt, mode, freeze
         D_v, d = vit.config.width, gpt.config.n_embd
         self.penultimate = vit.config.layers - 1
@@ -184,8 +187,31 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+def _config(args, key, config_class):
+    """config_class from a checkpoint's args[key], a dict of its fields (a missing one keeps its
+    default). A field we do not know, or a value of the wrong kind, is a CheckpointError."""
+    damaged = f"checkpoint is damaged or from another version: its {key}"
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    for name, value in args[key].items():
+        if name not in defaults:
+            raise CheckpointError(f"{damaged} has an unknown setting {name!r}")
+        kind = type(defaults[name])
+        if name == "vit_layers":  # FuserConfig's: None (all of them) or ViT layer numbers
+            want = "None or a list of ints"
+            fits = value is None or isinstance(value, (list, tuple)) and all(type(k) is int for k in value)
+        elif kind in (int, float):  # sizes and eps (an int stands for a float)
+            want, fits = f"a positive {kind.__name__}", type(value) in (int, kind) and value > 0
+        else:  # str, bool
+            want, fits = f"a {kind.__name__}", type(value) is kind
+        if not fits:
+            raise CheckpointError(f"{damaged} {name} is {value!r}; it should be {want}")
+    return config_class(**args[key])
+
+
 def from_checkpoint(ckpt) -> VLM:
-    """Rebuild a VLM from checkpoint_state's dict, or from a path to a saved one."""
+    """Rebuild a VLM from checkpoint_state's dict, or from a path to a saved one. What the file
+    holds is checked before it is used (a CheckpointError says what is wrong); a bug here is not
+    reported as a damaged file."""
     ckpt = load_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
     args, state = ckpt.get("args"), ckpt.get("model")
     if not (isinstance(args, dict) and isinstance(state, dict) and args.get("mode") in MODES
@@ -194,20 +220,30 @@ def from_checkpoint(ckpt) -> VLM:
             and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError("checkpoint is damaged or from another version: its model arguments or weights "
                               "are missing or malformed")
+    gpt_config, vit_config = _config(args, "gpt_config", GPTConfig), _config(args, "vit_config", ViTConfig)
+    fuser_config = _config(args, "fuser", FuserConfig)
+    fuser_config = replace(fuser_config, vit_layers=tuple(fuser_config.vit_layers or ()) or None)
+    for config, size, heads in ((gpt_config, "n_embd", "n_head"), (vit_config, "width", "heads")):
+        if getattr(config, size) % getattr(config, heads):
+            raise CheckpointError(f"checkpoint is damaged or from another version: its {heads} "
+                                  f"{getattr(config, heads)} does not divide its {size} {getattr(config, size)}")
+    stored = {part for part in ("gpt", "vit") if any(k.startswith(part + ".") for k in state)}
+    gpt = GPT(gpt_config) if "gpt" in stored else GPT.from_pretrained(args["llm"])
+    vision = ViT(vit_config) if "vit" in stored else ViT.from_pretrained(args["vit"])
     try:
-        has = lambda prefix: any(k.startswith(prefix) for k in state)
-        gpt = GPT(GPTConfig(**args["gpt_config"])) if has("gpt.") else GPT.from_pretrained(args["llm"])
-        vision = ViT(ViTConfig(**args["vit_config"])) if has("vit.") else ViT.from_pretrained(args["vit"])
-        fuser = dict(args["fuser"], vit_layers=tuple(args["fuser"]["vit_layers"] or ()) or None)
-        model = VLM(vision, gpt, args["mode"], FuserConfig(**fuser), args["freeze"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except (KeyError, TypeError, AssertionError, RuntimeError) as e:  # malformed args, shapes that do not fit
-        detail = " ".join(str(e).split())  # one line: load_state_dict's list of mismatches spans several
-        raise CheckpointError(f"checkpoint is damaged or from another version ({type(e).__name__}: "
-                              f"{detail[:400]})") from None
-    missing = [k for k in missing if not k.startswith(("gpt.", "vit."))]  # backbones by name are loaded
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        model = VLM(vision, gpt, args["mode"], fuser_config, args["freeze"])
+    except ValueError as e:  # the fuser's own checks of its settings (its ViT layers, its pooling)
+        raise CheckpointError(f"checkpoint is damaged or from another version: {e}") from None
+    ours = model.state_dict()
+    by_name = {"gpt", "vit"} - stored  # a backbone loaded by name is not stored; a stored one is whole
+    missing = [k for k in ours if k not in state and k.split(".")[0] not in by_name]
+    unexpected = [k for k in state if k not in ours]
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+             if k in ours and v.shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected "
+                              f"{unexpected[:8]}, wrong shapes {wrong[:4]}")
+    model.load_state_dict(state, strict=False)
     return model
 
 

@@ -314,6 +314,46 @@ def test_not_a_checkpoint(tmp_path):
         from_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["args"]["gpt_config"].update(n_head="4"), "its gpt_config n_head is '4'; it should be a positive int"),
+    (lambda c: c["args"]["vit_config"].update(colour=1), "its vit_config has an unknown setting 'colour'"),
+    (lambda c: c["args"]["fuser"].update(vit_layers="all"), "its fuser vit_layers is 'all'; it should be None or"),
+    (lambda c: c["args"]["fuser"].update(vit_layers=[9]), r"fuser ViT layers \[9\]: each must be in 1..4"),
+    (lambda c: c["args"]["gpt_config"].update(n_head=3), "its n_head 3 does not divide its n_embd 128"),
+    (lambda c: c["args"]["fuser"].update(rank=64),
+     r"wrong shapes \['fuser.down.weight \(128, 128\) \(expected \(64, 128\)\)"),
+    (lambda c: c["model"].pop("fuser.gate"), r"missing \['fuser.gate'\]"),
+    (lambda c: c["model"].pop("gpt.transformer.wte.weight"), r"missing \['gpt.transformer.wte.weight'\]"),
+    (lambda c: c["model"].update(extra=torch.zeros(1)), r"unexpected \['extra'\]"),
+])
+def test_a_damaged_checkpoint_is_named(edit, message):
+    """What a checkpoint holds is checked before it is used: one line naming what is wrong."""
+    ckpt = checkpoint_state(make("dehvf", trained=False), "tiny-random", "tiny-random")
+    edit(ckpt)
+    with pytest.raises(CheckpointError, match=message) as e:
+        from_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bug_is_not_reported_as_a_damaged_checkpoint(monkeypatch):
+    ckpt = checkpoint_state(make("dehvf", trained=False), "tiny-random", "tiny-random")
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug in the code, not in the file")
+
+    monkeypatch.setattr("fuser.HierarchicalFuser.__init__", bug)
+    with pytest.raises(TypeError, match="a bug in the code"):
+        from_checkpoint(ckpt)
+
+
+def test_bad_mode_or_freeze_is_a_value_error():
+    vit, gpt = _backbones()
+    with pytest.raises(ValueError, match="mode must be one of .* not 'llava'"):
+        VLM(vit, gpt, "llava")
+    with pytest.raises(ValueError, match="freeze must be one of .* not 'gpt'"):
+        VLM(vit, gpt, freeze="gpt")
+
+
 # ----------------------------------------------------------------------------- learning, size
 
 COLOURS = {" red": (0.85, 0.15, 0.15), " green": (0.15, 0.75, 0.25), " blue": (0.15, 0.25, 0.85),
