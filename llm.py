@@ -25,14 +25,6 @@ import torch.nn.functional as F
 
 from weights import CheckpointError, copy_state, hf_checkpoint, read_config
 
-PUBLIC = {  # public name -> Hugging Face repository
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -46,6 +38,14 @@ class GPTConfig:
     def tiny(cls):
         """A small random decoder for offline runs and tests."""
         return cls(block_size=256, n_layer=4, n_head=4, n_embd=128)
+
+
+PUBLIC = {  # public name -> its sizes, as in nanoGPT; the files are huggingface.co/openai-community/<name>'s
+    "gpt2": GPTConfig(),  # 124M parameters
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
 
 
 class KVCache:
@@ -108,6 +108,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One GPT-2 layer (pre-LN attention, then the FFN), where the visual memory enters: just before the FFN."""
 
     def __init__(self, config):
         super().__init__()
@@ -124,6 +125,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2 as nanoGPT writes it, kept frozen: the VLM (model.py) changes no weight of it and reaches
+    it only through `memory` (the fuser's FFN slots) or `prefix` (input embeddings), so with neither
+    it is exactly the public GPT-2. `hidden` and `lm_head` are forward's two halves, for callers
+    that need the logits at a few positions only."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -203,9 +208,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str):
-        """GPT-2 from a public name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local
-        Hugging Face checkpoint directory, or a weights file."""
-        repo = PUBLIC.get(name_or_path) if not Path(name_or_path).exists() else None
+        """GPT-2 from a public name (see PUBLIC), a local Hugging Face checkpoint directory, or a
+        weights file, with config.json beside it."""
+        public = name_or_path in PUBLIC and not Path(name_or_path).exists()
+        repo = f"openai-community/{name_or_path}" if public else None
         state, hf_config, config_file = hf_checkpoint(name_or_path, repo)
         if hf_config is not None and hf_config.get("model_type", "gpt2") != "gpt2":
             raise CheckpointError(f"{name_or_path} is a {hf_config['model_type']} checkpoint, not GPT-2")
@@ -215,10 +221,11 @@ class GPT(nn.Module):
                  if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
         if "wte.weight" not in state or "wpe.weight" not in state:
             raise CheckpointError(f"{name_or_path} is not a GPT-2 checkpoint (no wte/wpe weights)")
-        # every size from config.json (copy_state then checks the weights against them)
+        # every size from config.json (what a public name's lacks from PUBLIC); copy_state then checks
+        # the weights against them
         config = GPTConfig(**read_config(hf_config, config_file, dict(
             block_size=("n_positions", "n_ctx"), vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
-            n_embd="n_embd", layer_norm_eps="layer_norm_epsilon"), GPTConfig))
+            n_embd="n_embd", layer_norm_eps="layer_norm_epsilon"), GPTConfig, PUBLIC[name_or_path] if public else None))
         if config.n_embd % config.n_head:
             raise CheckpointError(f"{config_file}: n_head {config.n_head} does not divide n_embd {config.n_embd}")
         for key, ours in (("activation_function", "gelu_new"), ("scale_attn_weights", True),

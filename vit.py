@@ -46,9 +46,9 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
 
-PUBLIC = {  # the public CLIP names, and the sizes their config.json's vision_config gives
-    "openai/clip-vit-base-patch32": ViTConfig(patch_size=32),
-    "openai/clip-vit-base-patch16": ViTConfig(),
+PUBLIC = {  # public name -> its sizes, as llm.py's; the name is the huggingface.co repository
+    "openai/clip-vit-base-patch32": ViTConfig(patch_size=32),  # ViT-B/32
+    "openai/clip-vit-base-patch16": ViTConfig(),  # ViT-B/16
     "openai/clip-vit-large-patch14": ViTConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_width=4096),
     "openai/clip-vit-large-patch14-336": ViTConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16,
                                                    mlp_width=4096),
@@ -106,6 +106,8 @@ class EncoderLayer(nn.Module):
 
 
 class ViT(nn.Module):
+    """CLIP's vision tower, kept frozen. It returns every layer's hidden states, not only the last,
+    because the fuser mixes them per decoder layer (shallow = detail, deep = semantics)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm import GPT, GPTConfig, KVCache
+from llm import PUBLIC, GPT, GPTConfig, KVCache
 from weights import CheckpointError
 
 
@@ -111,7 +111,7 @@ def test_config_without_a_size_is_an_error_not_a_guess(hf_gpt2, tmp_path, key):
     assert str(e.value).startswith(f"{path / 'config.json'} has no {keys}: the model cannot be built without it")
 
 
-def test_config_values_are_read_and_checked(hf_gpt2, tmp_path):
+def test_config_values_are_read_and_checked(hf_gpt2, tmp_path, monkeypatch):
     _, saved = hf_gpt2
     older = edited_config(saved, tmp_path / "older", n_positions=None, n_ctx=64, layer_norm_epsilon=1e-6)
     model = GPT.from_pretrained(str(older))  # older configs give the context as n_ctx
@@ -131,6 +131,13 @@ def test_config_values_are_read_and_checked(hf_gpt2, tmp_path):
     shutil.copy(saved / "model.safetensors", alone)
     with pytest.raises(CheckpointError, match="^" + re.escape(f"{alone / 'config.json'} not found: the model's sizes")):
         GPT.from_pretrained(str(alone / "model.safetensors"))
+
+    # a public name: what its (downloaded) config.json lacks comes from our table of its sizes
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path / "cache"))
+    edited_config(saved, tmp_path / "cache" / "openai-community" / "gpt2", layer_norm_epsilon=None)
+    model = GPT.from_pretrained("gpt2")  # in the cache: nothing to download
+    assert model.config.layer_norm_eps == PUBLIC["gpt2"].layer_norm_eps
+    assert model.config.n_head == 4  # the rest from the file
 
 
 def tiny_model(seed=0):
