@@ -15,8 +15,7 @@ Only the fuser (or prefix's projector) trains unless `freeze` says otherwise.
 `train.py`, `sample.py` and `bench.py` use `VLM.forward`, `VLM.generate` and
 the checkpoint helpers at the bottom.
 """
-import dataclasses
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import pretrain
 from fuser import FuserConfig, HierarchicalFuser
 from llm import GPT, GPTConfig
 from vit import ViT, ViTConfig
-from weights import CheckpointError, torch_load
+from weights import CheckpointError, copy_state, torch_load
 
 MODES = ("dehvf", "static", "memvp", "prefix", "none")
 FREEZE = ("all", "vit", "llm", "none")  # which backbones stay frozen: both, one, or neither
@@ -121,11 +120,9 @@ class VLM(nn.Module):
         return self.decode(self.gpt.hidden, idx, has_image, vision)  # -> decode
 
     def forward(self, images, idx, targets=None, prompt_mask=None, has_image=None, features=None):
-        """(logits, loss), nanoGPT's pair, with its saving where this model spends it: without
-        targets, logits at every position, (B, T, V), and loss None; with targets ((B, T), -100 = no
-        target) the head runs only where there is a target (the loss needs no other, and at 50k
-        words the head is a large part of a step): logits (N, V) for those N positions in row-major
-        order, and their mean cross-entropy."""
+        """(logits, loss). Without targets: logits at every position, (B, T, V), and None. With targets
+        ((B, T), -100 = none) the head, a large part of a step at 50k words, runs only where there is
+        one: logits (N, V) for those N positions (row-major), and their mean cross-entropy."""
         h = self.hidden(images, idx, prompt_mask, has_image, features)  # (B, T, d)
         if targets is None:
             return self.gpt.lm_head(h), None
@@ -188,23 +185,20 @@ def load_checkpoint(path) -> dict:
 
 
 def _config(args, key, config_class):
-    """config_class from a checkpoint's args[key], a dict of its fields (a missing one keeps its
-    default). A field we do not know, or a value of the wrong kind, is a CheckpointError."""
-    damaged = f"checkpoint is damaged or from another version: its {key}"
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    """config_class from a checkpoint's args[key]: its fields only (a missing one keeps its default),
+    each of its default's type, sizes positive. Anything else is a CheckpointError."""
+    defaults = {f.name: f.default for f in fields(config_class)}
     for name, value in args[key].items():
-        if name not in defaults:
-            raise CheckpointError(f"{damaged} has an unknown setting {name!r}")
-        kind = type(defaults[name])
-        if name == "vit_layers":  # FuserConfig's: None (all of them) or ViT layer numbers
-            want = "None or a list of ints"
+        kind = type(defaults.get(name, ...))
+        if name == "vit_layers":  # None (all of them) or ViT layer numbers
             fits = value is None or isinstance(value, (list, tuple)) and all(type(k) is int for k in value)
         elif kind in (int, float):  # sizes and eps (an int stands for a float)
-            want, fits = f"a positive {kind.__name__}", type(value) in (int, kind) and value > 0
-        else:  # str, bool
-            want, fits = f"a {kind.__name__}", type(value) is kind
+            fits = type(value) in (int, kind) and value > 0
+        else:  # str, bool; a name we do not know (kind: ellipsis) never fits
+            fits = type(value) is kind
         if not fits:
-            raise CheckpointError(f"{damaged} {name} is {value!r}; it should be {want}")
+            raise CheckpointError(f"checkpoint is damaged or from another version: its {key} setting "
+                                  f"{name}={value!r} is unknown or of the wrong kind")
     return config_class(**args[key])
 
 
@@ -214,36 +208,26 @@ def from_checkpoint(ckpt) -> VLM:
     reported as a damaged file."""
     ckpt = load_checkpoint(ckpt) if isinstance(ckpt, (str, Path)) else ckpt
     args, state = ckpt.get("args"), ckpt.get("model")
-    if not (isinstance(args, dict) and isinstance(state, dict) and args.get("mode") in MODES
-            and args.get("freeze") in FREEZE and all(isinstance(args.get(k), str) for k in ("llm", "vit"))
+    if not (isinstance(args, dict) and all(isinstance(args.get(k), str) for k in ("llm", "vit", "mode", "freeze"))
             and all(isinstance(args.get(k), dict) for k in ("fuser", "gpt_config", "vit_config"))
-            and all(isinstance(v, torch.Tensor) for v in state.values())):
+            and isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError("checkpoint is damaged or from another version: its model arguments or weights "
                               "are missing or malformed")
     gpt_config, vit_config = _config(args, "gpt_config", GPTConfig), _config(args, "vit_config", ViTConfig)
     fuser_config = _config(args, "fuser", FuserConfig)
+    if gpt_config.n_embd % gpt_config.n_head or vit_config.width % vit_config.heads:
+        raise CheckpointError("checkpoint is damaged or from another version: a head count does not divide a width")
     fuser_config = replace(fuser_config, vit_layers=tuple(fuser_config.vit_layers or ()) or None)
-    for config, size, heads in ((gpt_config, "n_embd", "n_head"), (vit_config, "width", "heads")):
-        if getattr(config, size) % getattr(config, heads):
-            raise CheckpointError(f"checkpoint is damaged or from another version: its {heads} "
-                                  f"{getattr(config, heads)} does not divide its {size} {getattr(config, size)}")
     stored = {part for part in ("gpt", "vit") if any(k.startswith(part + ".") for k in state)}
     gpt = GPT(gpt_config) if "gpt" in stored else GPT.from_pretrained(args["llm"])
     vision = ViT(vit_config) if "vit" in stored else ViT.from_pretrained(args["vit"])
     try:
         model = VLM(vision, gpt, args["mode"], fuser_config, args["freeze"])
-    except ValueError as e:  # the fuser's own checks of its settings (its ViT layers, its pooling)
+    except ValueError as e:  # VLM's and the fuser's own checks: mode, freeze, ViT layers, pooling
         raise CheckpointError(f"checkpoint is damaged or from another version: {e}") from None
-    ours = model.state_dict()
-    by_name = {"gpt", "vit"} - stored  # a backbone loaded by name is not stored; a stored one is whole
-    missing = [k for k in ours if k not in state and k.split(".")[0] not in by_name]
-    unexpected = [k for k in state if k not in ours]
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
-             if k in ours and v.shape != ours[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"checkpoint does not fit its model: missing {missing[:8]}, unexpected "
-                              f"{unexpected[:8]}, wrong shapes {wrong[:4]}")
-    model.load_state_dict(state, strict=False)
+    # every key and shape checked; a backbone loaded by name is not stored (a stored one must be whole)
+    by_name = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in {"gpt", "vit"} - stored}
+    copy_state(model, {**by_name, **state}, "checkpoint")
     return model
 
 
