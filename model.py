@@ -115,7 +115,7 @@ class VLM(nn.Module):
         image (default: all True): in the memory modes its learned slots act alone (Z = 0), in
         prefix mode it gets no prefix."""
         prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
-        has_image = prompt_mask.new_ones(idx.size(0)) if has_image is None else has_image
+        has_image = torch.ones_like(idx[:, 0], dtype=torch.bool) if has_image is None else has_image
         vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse
         return self.decode(self.gpt.hidden, idx, has_image, vision)  # -> decode
 
@@ -136,7 +136,7 @@ class VLM(nn.Module):
         """Continue prompt_idx (B, T) for an image batch. The ViT and every layer's memory are
         computed once, at prefill, and reused for each new token."""
         prompt_mask = torch.ones_like(prompt_idx, dtype=torch.bool)  # the whole prompt is prompt
-        has_image = prompt_mask.new_ones(prompt_idx.size(0)) if has_image is None else has_image
+        has_image = torch.ones_like(prompt_idx[:, 0], dtype=torch.bool) if has_image is None else has_image
         vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse, once
         run = lambda idx, **v: self.gpt.generate(idx, max_new_tokens, temperature, top_k, use_cache=use_cache, **v)
         return self.decode(run, prompt_idx, has_image, vision)  # -> decode, token by token
