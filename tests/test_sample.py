@@ -121,7 +121,7 @@ BAD = [  # (arguments, words the message must contain); {d} is the folder of tes
     (["--checkpoint", "{d}/plain.pt"], "not a nanoDEHVF checkpoint"),
     (["--checkpoint", "{d}/gpt2.pt"], "not a nanoDEHVF checkpoint"),
     (["--checkpoint", "{d}/corrupt.pt"], "not a readable checkpoint"),
-    (["--checkpoint", "{d}/misfit.pt"], "size mismatch for fuser.up.weight"),
+    (["--checkpoint", "{d}/misfit.pt"], "fuser.up.weight has shape (3, 3), expected"),
     (["--question", "Which?", "--options", "red"], "2 to 26"),
     (["--question", "Which?", "--options", ",".join("abcdefghijklmnopqrstuvwxyz0")], "2 to 26"),
     (["--question", "Which?", "--options", "red,,blue"], "non-empty"),
