@@ -1,4 +1,4 @@
-"""What the command-line scripts share: --help that shows every default, and errors at the edge.
+"""What the command-line scripts share: --help that shows every default, a --device check, errors at the edge.
 
 `run(main)` turns the errors a user can cause (bad data or images, a bad
 checkpoint, a run that cannot start or go on, a file that cannot be read or
@@ -7,6 +7,8 @@ in this code and keeps its traceback.
 """
 import argparse
 import sys
+
+import torch
 
 from data.batch import DataError
 from outdir import RunError
@@ -19,6 +21,19 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         if action.default is None or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def device(text):
+    """An argparse type: a device this machine has (cpu, cuda, cuda:1, mps)."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name: cpu, cuda, cuda:1, mps") from None
+    if (d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count() or d.type not in ("cpu", "cuda", "mps")
+            or d.type == "mps" and not torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: no such device here ({torch.cuda.device_count()} CUDA devices); "
+                                         f"use --device cpu")
+    return text
 
 
 def run(main, interrupted="interrupted"):
