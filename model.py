@@ -231,6 +231,40 @@ def from_checkpoint(ckpt) -> VLM:
     return model
 
 
+# ----------------------------------------------------------------------------- train.py's checkpoints
+
+TRAINING = {"step": int, "best": (int, float), "rng": torch.Tensor, "train_args": dict, "optimizer": (dict, type(None))}
+
+
+def load_training_checkpoint(path, flag, same):
+    """A checkpoint train.py wrote (checkpoint_state's dict plus TRAINING's keys), to resume (flag
+    --resume) or to score (--eval_only), after checking it was trained with the settings in `same`
+    ({name: value}; for scoring, a setting an older checkpoint lacks is not checked)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{flag}: no checkpoint at {path} (check --out_dir)")
+    ckpt = load_checkpoint(path)
+    bad = [k for k, kind in TRAINING.items() if k not in ckpt or not isinstance(ckpt[k], kind)]
+    if bad or ckpt["step"] < 0 or ckpt["rng"].dtype != torch.uint8 or ckpt["rng"].shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"{flag}: {path} has no valid {', '.join(bad) or 'step or rng'} (not written by "
+                              f"train.py, or damaged): start a new run with --overwrite")
+    old = ckpt["train_args"]
+    changed = [k for k, v in same.items() if old.get(k) != v and (flag == "--resume" or k in old)]
+    if changed:
+        raise CheckpointError(f"{flag}: {path} was trained with other settings: "
+                              + ", ".join(f"--{k} {old.get(k)}" for k in changed))
+    return ckpt
+
+
+def restore_training_state(ckpt, optimizer, path):
+    """Put a --resume checkpoint's optimizer state (if anything trains) and random state back."""
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"] or {})
+        except (KeyError, ValueError):  # torch's words for a state of other parameters
+            raise CheckpointError(f"--resume: {path} holds no optimizer state for this model") from None
+    torch.set_rng_state(ckpt["rng"].cpu())
+
+
 if __name__ == "__main__":  # trainable parameters per mode at GPT-2 124M + ViT-B/16 shapes, nothing downloaded
     with torch.device("meta"):  # shapes only: no memory, no init
         vision, gpt = ViT(ViTConfig()), GPT(GPTConfig())

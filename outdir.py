@@ -97,8 +97,24 @@ def save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def log_writer(path, step):
+    """log(entry): one JSON line appended to log.jsonl. A resumed run (from step) keeps the lines
+    before step: read now, so a damaged log stops the run before it starts, and written back,
+    atomically, with the first new entry, so a run that stops before it leaves the log as it was."""
+    kept = read_log(path, step)
+
+    def log(entry):
+        nonlocal kept
+        if kept is not None:
+            atomic_write(path, lambda f: f.write(b"".join(kept)))
+            kept = None
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    return log
+
+
 def read_log(path, step):
-    """The lines of log.jsonl from before step: what a resumed run keeps (train.py writes them back
+    """The lines of log.jsonl from before step: what a resumed run keeps (log_writer writes them back
     atomically with its first entry). A half last line (a kill mid-write) is dropped; anything else
     that is not a log entry is an error naming its line, and the file stays as it is."""
     kept = []

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 from data import shapes
 from data.scienceqa import build_prompt
 from data.tokenizer import EOT, get_encoding
@@ -386,7 +387,7 @@ def tiny_vit(seed=0, recipe=None, config=None, progress=True) -> ViT:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain (or load from the cache) the offline tiny backbones, "
-                                            "and say what they learned.")
+                                            "and say what they learned.", formatter_class=cli.Help)
     p.add_argument("--seed", type=int, default=0, help="the backbones' seed (train.py uses 0)")
     p.add_argument("--probe", action="store_true", help="also measure the decoder on described scenes and "
                                                         "probe each ViT layer for colour, shape and count")

@@ -20,11 +20,12 @@ import warnings
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import cli
 import model as vlm
 from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
 from data.scienceqa import ANSWER_PREFIX, build_prompt, load_scienceqa
 from data.tokenizer import EOT, get_encoding
-from train import Help
+from outdir import atomic_write
 from vit import preprocess
 from weights import CheckpointError
 
@@ -40,18 +41,8 @@ def number(kind, ok, rule):
     return parse
 
 
-def device(text):
-    try:
-        d = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count() or d.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: no such device here (use --device cpu)")
-    return text
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.Help)
     a = p.add_argument
     a("--image", default=None, help="the image file (any format Pillow reads)")
     a("--question", default=None, help="a multiple-choice question (with --options)")
@@ -73,7 +64,7 @@ def get_args(argv=None):
     a("--show_fusion", default=None, metavar="PNG", help="save the fuser's ViT-layer mix as a heat map")
     a("--mix_by_type", default=None, metavar="PREFIX", help="instead of one image: the mean mix over ViT "
       "layers per shapes question type on 40 validation questions each, saved as PREFIX-<type>.png")
-    a("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    a("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     if (args.image is None) == (args.mix_by_type is None):
         p.error("give --image (one image) or --mix_by_type (shapes validation questions)")
@@ -154,13 +145,7 @@ def save_fusion(selection, vit_layers, path, title):
             d.rectangle((x, y, x + cw - 2, y + ch - 2), fill=tuple(round(255 - w * (255 - c)) for c in (8, 48, 107)))
             d.text((x + cw / 2 - 1, y + ch / 2 - 1), f"{w:.2f}", font=small, anchor="mm",
                    fill="white" if w > 0.5 else "black")  # shade: 0 white, 1 dark blue
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)  # atomic: never half a picture at path
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))  # never half a picture at path
 
 
 def mix_by_type(model, trained, args, enc, per_type=40):
@@ -228,7 +213,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source
-    try:
-        main()
-    except (DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

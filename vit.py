@@ -6,9 +6,10 @@ detail, deep layers semantics. So `ViT.forward` returns the whole list
 with h_0 the embeddings after `pre_layrnorm`, exactly as Hugging Face's
 CLIPVisionModel(output_hidden_states=True) returns them. The ViT is frozen.
 
-Also here: `preprocess`, CLIP's image preprocessing with PIL only (RGB,
-resize the short side with bicubic, centre crop, normalise with CLIP's
-mean and std).
+Also here: `preprocess`, CLIP's image preprocessing with PIL only (resize the
+short side with bicubic, centre crop, normalise with CLIP's mean and std). It
+takes an RGB image: reading image files (EXIF orientation, 16-bit grey,
+see-through parts) is the data code's, data/batch.py's `load_image`.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from weights import CheckpointError, copy_state, hf_checkpoint, read_config
 
@@ -165,19 +166,9 @@ class ViT(nn.Module):
         return model
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, with EXIF orientation applied (a phone photo stands upright)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits rather than clipping
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-    if "A" in image.getbands() or "transparency" in image.info:  # see-through: onto white, as HF's CLIP does
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255)), image.convert("RGBA"))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
-    """CLIP preprocessing: a PIL image -> (3, size, size) normalised float tensor."""
-    image = to_rgb(image)
+    """CLIP preprocessing: an RGB PIL image -> (3, size, size) normalised float tensor."""
+    assert image.mode == "RGB", f"preprocess takes RGB, not {image.mode}: data.batch.to_rgb makes it"
     w, h = image.size
     # the short side becomes `size` (rounded as Hugging Face's CLIPImageProcessor does), then the centre square
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)

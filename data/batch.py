@@ -22,8 +22,9 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data.tokenizer import EOT
 
@@ -52,10 +53,9 @@ MAX_ASPECT = 100  # a longer strip keeps under 1% of itself in CLIP's centre cro
 
 
 def load_image(path, ex_id):
-    """Open and fully decode an image, or raise DataError naming the example and the file.
-    Refused before decoding: more pixels than Pillow's Image.MAX_IMAGE_PIXELS (decompression
-    bombs) and strips longer than MAX_ASPECT:1. The mode stays as stored: vit.preprocess
-    makes it RGB (see-through parts onto white)."""
+    """Open and fully decode an image as RGB (to_rgb: what vit.preprocess takes), or raise DataError
+    naming the example and the file. Refused before decoding: more pixels than Pillow's
+    Image.MAX_IMAGE_PIXELS (decompression bombs) and strips longer than MAX_ASPECT:1."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice the limit
@@ -65,12 +65,24 @@ def load_image(path, ex_id):
                     raise DataError(f"example {ex_id}: image {path} is {w} x {h} pixels, longer than {MAX_ASPECT}:1; "
                                     f"CLIP's centre crop would keep under 1% of it (cut it into squarer pieces)")
                 img.load()  # the full decode, so truncated files fail here
-                return img
+            return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"example {ex_id}: image {path} is refused ({e} Shrink it, or raise "
                         f"PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"example {ex_id}: cannot read image {path} ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image):
+    """Any PIL image as the RGB picture a person sees: EXIF orientation applied (a phone photo
+    stands upright), 16-bit grey kept in range, see-through parts (an alpha band, or a palette
+    colour marked transparent, as in many ScienceQA diagrams) put onto white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits rather than clipping
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:  # onto white, as HF's CLIPImageProcessor does
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255)), image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _images(examples, image_transform):

@@ -1,4 +1,4 @@
-"""Damaged datasets and images (issue 12): one DataError line naming the file, the problem and
+"""Damaged datasets and images: one DataError line naming the file, the problem and
 what is wrong; never a traceback from deep inside, never a silent success, never a deleted file.
 
 Real files in the official layouts (the trees of test_data_scienceqa / test_data_coco, a real

@@ -1,4 +1,4 @@
-"""train.py under bad input, faults and concurrent runs (issue 12): one clear line and a non-zero
+"""train.py under bad input, faults and concurrent runs: one clear line and a non-zero
 exit, never a traceback, a silent success, or a file of an earlier run lost; kill -9 mid-save
 still resumes exactly and leaves nothing behind."""
 import hashlib

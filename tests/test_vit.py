@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vit import CLIP_STD, HF_FIELDS, PUBLIC, ViT, ViTConfig, preprocess, to_rgb
+from data.batch import to_rgb
+from vit import CLIP_STD, HF_FIELDS, PUBLIC, ViT, ViTConfig, preprocess
 from weights import CheckpointError
 
 
@@ -186,7 +187,7 @@ def clip_processor():
 @pytest.mark.parametrize("name", IMAGES)
 def test_preprocess_matches_clip_image_processor(clip_processor, name):
     image = IMAGES[name]()
-    ours = preprocess(image)
+    ours = preprocess(to_rgb(image))
     theirs = clip_processor(images=image, return_tensors="pt").pixel_values[0]
     assert ours.shape == theirs.shape == (3, 224, 224)
     assert ours.dtype == torch.float32
@@ -207,7 +208,7 @@ def test_a_long_strip_is_cropped_before_it_is_resized(clip_processor, size):
     image = drawing(size, seed=3)
     ours, theirs = preprocess(image), clip_processor(images=image, return_tensors="pt").pixel_values[0]
     assert max_diff(ours, theirs) <= 1.01 / 255 / min(CLIP_STD) and (ours - theirs).abs().mean() < 1e-4
-    assert preprocess(Image.new("1", (1, 300000))).shape == (3, 224, 224)
+    assert preprocess(to_rgb(Image.new("1", (1, 300000)))).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16 from PNG"])
@@ -226,13 +227,13 @@ def test_16_bit_grey_keeps_its_range(mode):
     row = rgb[0, :, 0]
     assert row[0] == 0 and row[-1] == 255
     assert (np.diff(row) >= 0).all() and abs(row[128] - 128) <= 2  # still a linear ramp
-    x = preprocess(image)
+    x = preprocess(to_rgb(image))
     assert x.shape == (3, 224, 224) and torch.isfinite(x).all()
     assert x[:, :, :20].mean() < -1 and x[:, :, -20:].mean() > 1  # dark left, bright right
 
 
 def test_exif_orientation_is_applied():
-    """A camera stores the upright picture rotated and tags it: preprocess must turn it back."""
+    """A camera stores the upright picture rotated and tags it: to_rgb must turn it back."""
     upright = Image.new("RGB", (160, 240), (0, 0, 255))  # portrait: red top half, blue bottom
     ImageDraw.Draw(upright).rectangle([0, 0, 160, 120], fill=(255, 0, 0))
     stored = upright.rotate(90, expand=True)  # what the sensor wrote: landscape, red on the left
@@ -243,7 +244,7 @@ def test_exif_orientation_is_applied():
 
     tagged = Image.open(io.BytesIO(buffer.getvalue()))
     assert tagged.getexif()[0x0112] == 6 and tagged.size == (240, 160)
-    x = preprocess(tagged)
+    x = preprocess(to_rgb(tagged))
     # what the JPEG decodes to, without the tag (PIL copies .info along), turned upright by hand
     plain = Image.fromarray(np.asarray(Image.open(io.BytesIO(buffer.getvalue()))))
     assert torch.equal(x, preprocess(plain.transpose(Image.Transpose.ROTATE_270)))
