@@ -152,8 +152,8 @@ def check_args(p, args):
         p.error("--context and --target are ScienceQA's; coco has captions")
     if args.cache_features != "off" and args.freeze not in ("all", "vit"):
         p.error(f"--cache_features needs a frozen ViT, but --freeze {args.freeze} trains it")
-    if args.dataset == "coco" and args.loss == "choices":
-        p.error("--loss choices needs multiple-choice questions; coco has captions")
+    if args.dataset != "scienceqa" and args.loss == "choices":  # shapes trains captions too
+        p.error(f"--loss choices needs multiple-choice questions only; {args.dataset} has captions")
 
 
 def describe(args):

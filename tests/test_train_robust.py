@@ -77,6 +77,7 @@ def error_lines(stderr):
     (["--device", "cuda:99"], "no such device here"), (["--device", "meta"], "no such device here"),
     (["--out_dir", ""], "--out_dir must name a folder"), (["--data_dir", __file__], "is a file, not a dataset folder"),
     (["--resume", "--overwrite"], "choose one"),
+    (["--loss", "choices"], "shapes has captions"), (["--dataset", "coco", "--loss", "choices"], "coco has captions"),
 ])
 def test_bad_numbers_are_refused_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as exit:
