@@ -98,11 +98,24 @@ class VLM(nn.Module):
             h[~has_image] = self.gpt.hidden(idx[~has_image])
             return h
         prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
-        return self.gpt.hidden(idx, memory=self.fuser.memory(features, prompt_mask, has_image))
+        return self.gpt.hidden(idx, memory=self.fuser.memory_for(features, prompt_mask, has_image))
 
     def forward(self, images, idx, targets=None, prompt_mask=None, has_image=None, features=None):
         """(logits, loss) as GPT.forward: (B, T, V) without targets, (N, V) at the N targets with."""
         return self.gpt.head(self.hidden(images, idx, prompt_mask, has_image, features), targets)
+
+    @torch.no_grad()
+    def fusion_mix(self, images, idx, prompt_mask=None, has_image=None, features=None):
+        """(B, L, K): the mix over ViT layers each decoder layer chose for each sample (DESIGN.md
+        section 4, step 2), in a memory mode; arguments as hidden's. Read off the prompt, so it is
+        also the mix that generate chooses at prefill for that prompt."""
+        has_image = torch.ones(idx.size(0), dtype=torch.bool, device=idx.device) if has_image is None else has_image
+        prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
+        if features is None and has_image.any():
+            features = self.features(images)
+        memory = self.fuser.memory_for(features, prompt_mask, has_image)
+        self.gpt.hidden(idx, memory=memory)  # the decoder runs to give each layer its x_l
+        return memory.mix
 
     @torch.no_grad()
     def generate(self, images, prompt_idx, max_new_tokens, temperature=0.0, top_k=None,
@@ -127,7 +140,7 @@ class VLM(nn.Module):
             out[~has_image] = self.gpt.generate(prompt_idx[~has_image], max_new_tokens, temperature, top_k,
                                                 use_cache=use_cache)
             return out
-        memory = self.fuser.memory(features, torch.ones_like(prompt_idx, dtype=torch.bool), has_image)
+        memory = self.fuser.memory_for(features, torch.ones_like(prompt_idx, dtype=torch.bool), has_image)
         return self.gpt.generate(prompt_idx, max_new_tokens, temperature, top_k, memory, use_cache=use_cache)
 
 
