@@ -98,7 +98,8 @@ class HierarchicalFuser(nn.Module):
             pooled = self.slot_key.new_zeros(B, K, N, self.norms[0].normalized_shape[0])
         feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # step 1: F, (B, K, N, D_v)
         prompt_weights = prompt_mask.float() / prompt_mask.sum(1, keepdim=True).clamp(min=1)  # (B, T), the prompt mean
-        return VisualMemory(self, feats, prompt_weights, has_image)
+        image_mask = None if has_image.all() else has_image[:, None, None]  # (B, 1, 1); None: all have one
+        return VisualMemory(self, feats, prompt_weights, image_mask)
 
     def layer_mix(self, layer, x, prompt_weights):
         """Step 2: a_l, (B, K), decoder layer `layer`'s mix over the K ViT layers, read from the
@@ -112,11 +113,12 @@ class HierarchicalFuser(nn.Module):
             scores = scores + self.select(g)
         return scores.softmax(dim=-1)
 
-    def layer_slots(self, layer, feats, a, has_image):
+    def layer_slots(self, layer, feats, a, image_mask):
         """Steps 3-5: decoder layer `layer`'s memory (K_l, V_l), (B, N, d) each, from its mix a (B, K)."""
         fbar = torch.einsum("bk,bknc->bnc", a, feats)  # step 3: Fbar_l = sum_k a_lk F_k, (B, N, D_v)
         z = self.up(F.gelu(self.down(fbar)))  # step 4: Z_l = P(Fbar_l), (B, N, d)
-        z = torch.where(has_image[:, None, None], z, 0.0)  # no image: Z_l = 0, the slots act alone
+        if image_mask is not None:  # a sample without an image: Z_l = 0, its slots act alone
+            z = torch.where(image_mask, z, 0.0)
         keys = (z + self.slot_key) / math.sqrt(z.size(-1))  # step 5
         values = self.gate[layer] * (z + self.slot_value)
         return keys, values
@@ -128,8 +130,8 @@ class VisualMemory:
     prompt) and reused for every later token. `mix` (B, L, K) holds the a_l chosen so far,
     for pictures and analysis."""
 
-    def __init__(self, fuser, feats, prompt_weights, has_image):
-        self.fuser, self.feats, self.prompt_weights, self.has_image = fuser, feats, prompt_weights, has_image
+    def __init__(self, fuser, feats, prompt_weights, image_mask):
+        self.fuser, self.feats, self.prompt_weights, self.image_mask = fuser, feats, prompt_weights, image_mask
         self.mix = feats.new_zeros(feats.size(0), fuser.n_decoder_layers, feats.size(1))  # (B, L, K)
         self.slots = {}  # layer -> (K_l, V_l)
 
@@ -137,5 +139,5 @@ class VisualMemory:
         if layer not in self.slots:
             a = self.fuser.layer_mix(layer, x, self.prompt_weights)  # (B, K)
             self.mix[:, layer] = a.detach()
-            self.slots[layer] = self.fuser.layer_slots(layer, self.feats, a, self.has_image)
+            self.slots[layer] = self.fuser.layer_slots(layer, self.feats, a, self.image_mask)
         return self.slots[layer]
