@@ -1,4 +1,4 @@
-"""Speed and memory of the fusion modes side by side (issue 6).
+"""Speed and memory of the fusion modes side by side.
 
 DEHVF keeps the sequence text-only (the image enters the decoder's FFNs), where
 `prefix` (LLaVA-style) makes it 196 positions longer for a ViT-B/16 (its patch tokens,

@@ -23,7 +23,7 @@ For one batch of images and every decoder layer l:
    would give gates on the keys a zero gradient). p_k and p_v both start small
    and random, so even a batch without images gives the gates a gradient.
 6. Injection. (K_l, V_l) go into decoder layer l's FFN (llm.py), through the
-   function returned by `memory`. A sample without an image has Z_l = 0: its
+   VisualMemory that `memory_for` returns. A sample without an image has Z_l = 0: its
    learned slots p_k, p_v act alone, as MemVP's do, so text-only problems
    train the fuser too.
 
@@ -72,7 +72,7 @@ class HierarchicalFuser(nn.Module):
         self.slot_key = nn.Parameter(torch.randn(N, d) * 0.02)  # p_k
         self.slot_value = nn.Parameter(torch.randn(N, d) * 0.02)  # p_v
         self.gate = nn.Parameter(torch.zeros(L, d if config.gate == "vector" else 1))  # gamma_l
-        self.selection = None  # (B, L, K): the mix a of the last batch, for pictures and analysis
+        self.n_decoder_layers = L
 
     def pool_features(self, hidden):
         """ViT hidden states [h_0..h_L] -> pooled tokens of the selected layers, (B, K, N, D_v).
@@ -89,37 +89,55 @@ class HierarchicalFuser(nn.Module):
             pooled.append(torch.cat([h[:, :1], patches], dim=1))  # (B, N, D_v)
         return torch.stack(pooled, dim=1)
 
-    def memory(self, pooled, prompt_mask, has_image):
-        """The function llm.py's blocks call: memory(layer, x) -> (K_l, V_l).
+    def memory_for(self, pooled, prompt_mask, has_image):
+        """Steps 1-6 for one batch: the `memory` llm.py's blocks call (a VisualMemory).
         pooled: (B, K, N, D_v), or None when no sample has an image; prompt_mask: (B, T) bool;
-        has_image: (B,) bool, False = Z_l = 0 for that sample, its learned slots p_k, p_v alone.
-        Each layer's slots are computed on the first call (the prefill) and reused after."""
-        B, K, (N, d) = prompt_mask.size(0), len(self.layers), self.slot_key.shape
+        has_image: (B,) bool, False = Z_l = 0 for that sample, its learned slots p_k, p_v alone."""
+        B, K, N = prompt_mask.size(0), len(self.layers), self.slot_key.size(0)
         if pooled is None:  # zeros stand in: every weight takes part as in any batch (DDP needs that)
             pooled = self.slot_key.new_zeros(B, K, N, self.norms[0].normalized_shape[0])
-        feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # (B, K, N, D_v)
-        # P's first map is linear and the mix sums to 1, so down(sum_k a_k F_k) = sum_k a_k down(F_k):
-        # project each ViT layer once here instead of once per decoder layer
-        feats = self.down(feats)  # (B, K, N, r)
-        weights = prompt_mask.float() / prompt_mask.sum(1, keepdim=True).clamp(min=1)  # (B, T) mean over prompt
-        self.selection = feats.new_zeros(B, self.gate.size(0), K)
-        slots = {}
+        feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # step 1: F, (B, K, N, D_v)
+        prompt_weights = prompt_mask.float() / prompt_mask.sum(1, keepdim=True).clamp(min=1)  # (B, T), the prompt mean
+        image_mask = None if has_image.all() else has_image[:, None, None]  # (B, 1, 1); None: all have one
+        return VisualMemory(self, feats, prompt_weights, image_mask)
 
-        def memory(layer, x):  # x: (B, T, d) entering decoder layer `layer`
-            if layer not in slots:
-                a = feats.new_ones(B, K)  # (B, K), the mix over ViT layers
-                if self.layer_bias is not None:
-                    scores = self.layer_bias[layer].expand(B, K)
-                    if self.select is not None:
-                        g = torch.einsum("bt,btd->bd", weights, self.select_norm(x))  # (B, d)
-                        scores = scores + self.select(g)
-                    a = scores.softmax(dim=-1)
-                self.selection[:, layer] = a.detach()
-                z = self.up(F.gelu(torch.einsum("bk,bknr->bnr", a, feats)))  # (B, N, d)
-                z = torch.where(has_image[:, None, None], z, 0.0)  # no image: Z_l = 0, the slots act alone
-                keys = (z + self.slot_key) / math.sqrt(d)
-                values = self.gate[layer] * (z + self.slot_value)
-                slots[layer] = (keys, values)
-            return slots[layer]
+    def layer_mix(self, layer, x, prompt_weights):
+        """Step 2: a_l, (B, K), decoder layer `layer`'s mix over the K ViT layers, read from the
+        prompt tokens of x (B, T, d), the residual stream entering that layer."""
+        B, K = x.size(0), len(self.layers)
+        if self.layer_bias is None:  # one ViT layer: nothing to choose
+            return x.new_ones(B, K)
+        scores = self.layer_bias[layer].expand(B, K)  # e_l
+        if self.select is not None:
+            g = torch.einsum("bt,btd->bd", prompt_weights, self.select_norm(x))  # (B, d), mean of LN(x_l) over the prompt
+            scores = scores + self.select(g)
+        return scores.softmax(dim=-1)
 
-        return memory
+    def layer_slots(self, layer, feats, a, image_mask):
+        """Steps 3-5: decoder layer `layer`'s memory (K_l, V_l), (B, N, d) each, from its mix a (B, K)."""
+        fbar = torch.einsum("bk,bknc->bnc", a, feats)  # step 3: Fbar_l = sum_k a_lk F_k, (B, N, D_v)
+        z = self.up(F.gelu(self.down(fbar)))  # step 4: Z_l = P(Fbar_l), (B, N, d)
+        if image_mask is not None:  # a sample without an image: Z_l = 0, its slots act alone
+            z = torch.where(image_mask, z, 0.0)
+        keys = (z + self.slot_key) / math.sqrt(z.size(-1))  # step 5
+        values = self.gate[layer] * (z + self.slot_value)
+        return keys, values
+
+
+class VisualMemory:
+    """What llm.py's blocks call for one batch: memory(layer, x) -> (K_l, V_l) (step 6).
+    Each layer's slots are computed at its first call (the prefill, which holds the whole
+    prompt) and reused for every later token. `mix` (B, L, K) holds the a_l chosen so far,
+    for pictures and analysis."""
+
+    def __init__(self, fuser, feats, prompt_weights, image_mask):
+        self.fuser, self.feats, self.prompt_weights, self.image_mask = fuser, feats, prompt_weights, image_mask
+        self.mix = feats.new_zeros(feats.size(0), fuser.n_decoder_layers, feats.size(1))  # (B, L, K)
+        self.slots = {}  # layer -> (K_l, V_l)
+
+    def __call__(self, layer, x):  # x: (B, T, d), the residual stream entering decoder layer `layer`
+        if layer not in self.slots:
+            a = self.fuser.layer_mix(layer, x, self.prompt_weights)  # (B, K)
+            self.mix[:, layer] = a.detach()
+            self.slots[layer] = self.fuser.layer_slots(layer, self.feats, a, self.image_mask)
+        return self.slots[layer]

@@ -99,10 +99,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
-    def forward(self, x, memory=None):  # x: (B, T, d), already layer-normed
+    def forward(self, x, slots=None):  # x: (B, T, d), already layer-normed
         y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-        if memory is not None:
-            K, V = memory  # (B, N, d) each
+        if slots is not None:
+            K, V = slots  # (B, N, d) each
             y = y + F.gelu(x @ K.transpose(1, 2), approximate="tanh") @ V  # (B, T, N) @ (B, N, d)
         return y
 

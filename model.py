@@ -94,7 +94,7 @@ class VLM(nn.Module):
             features = self.features(images)
         if self.mode == "prefix":
             return {"prefix": self.projector(features)}
-        return {"memory": self.fuser.memory(features, prompt_mask, has_image)}
+        return {"memory": self.fuser.memory_for(features, prompt_mask, has_image)}
 
     @staticmethod
     def decode(run, idx, has_image, vision):
@@ -129,6 +129,17 @@ class VLM(nn.Module):
         scored = targets != -100
         logits = self.gpt.lm_head(h[scored])  # boolean indexing copies: (N, d) contiguous -> (N, V)
         return logits, F.cross_entropy(logits.float(), targets[scored])
+
+    @torch.no_grad()
+    def fusion_mix(self, images, idx, prompt_mask=None, has_image=None, features=None):
+        """(B, L, K): the mix over ViT layers each decoder layer chose for each sample (DESIGN.md
+        section 4, step 2), in a memory mode; arguments as hidden's. Read off the prompt, so it is
+        also the mix that generate chooses at prefill for that prompt."""
+        prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
+        has_image = torch.ones_like(idx[:, 0], dtype=torch.bool) if has_image is None else has_image
+        vision = self.fuse(images, prompt_mask, has_image, features)
+        self.gpt.hidden(idx, **vision)  # the decoder runs to give each layer its x_l
+        return vision["memory"].mix
 
     @torch.no_grad()
     def generate(self, images, prompt_idx, max_new_tokens, temperature=0.0, top_k=None,

@@ -106,6 +106,8 @@ def answer_question(model, args, answer_format, enc):
     width = max(len(o) for o in args.options)
     for i, (letter, option, prob) in enumerate(zip(string.ascii_uppercase, args.options, probs)):
         print(f"  ({letter}) {option:<{width}}  {prob:.3f}{'  <-' if i == best else ''}")
+    if args.show_fusion:  # the fuser's mix for this question, (L, K)
+        return model.fusion_mix(batch["images"], batch["idx"], batch["prompt_mask"], batch["has_image"])[0]
 
 
 def continue_prompt(model, image, args, enc):
@@ -120,6 +122,8 @@ def continue_prompt(model, image, args, enc):
     idx = torch.tensor([ids], device=args.device)  # (1, T)
     new = model.generate(pixels, idx, args.max_new_tokens, args.temperature, args.top_k)[0, len(ids):].tolist()
     print(enc.decode(ids + (new[:new.index(EOT)] if EOT in new else new)))
+    if args.show_fusion:  # the fuser's mix, (L, K), as generate chose it at prefill
+        return model.fusion_mix(pixels, idx)[0]
 
 
 def save_fusion(selection, vit_layers, path, title):
@@ -160,8 +164,9 @@ def mix_by_type(model, trained, args, enc, per_type=40):
         chosen = [ex for ex in questions if ex.meta["qtype"] == qtype][:per_type]
         if not chosen:
             continue
-        score_choices(model, to_device(choice_batch(chosen, enc, transform, model.block_size), args.device))
-        mix = model.fuser.selection.float().mean(0).cpu()  # (L, K): decoder layer x ViT layer
+        batch = to_device(choice_batch(chosen, enc, transform, model.block_size), args.device)
+        mix = model.fusion_mix(batch["images"], batch["idx"], batch["prompt_mask"], batch["has_image"])
+        mix = mix.float().mean(0).cpu()  # (L, K): decoder layer x ViT layer
         path = f"{args.mix_by_type}-{qtype}.png"
         save_fusion(mix, model.fuser.layers, path, (f"{model.mode}: mean mix over {len(chosen)} '{qtype}' questions",
                                                     trained["data_dir"]))
@@ -195,17 +200,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     with torch.no_grad():
         if args.question is not None:
-            answer_question(model, args, args.answer or trained.get("answer", "letter"), enc)
+            mix = answer_question(model, args, args.answer or trained.get("answer", "letter"), enc)
         else:
             if trained.get("dataset") == "scienceqa":  # shapes trains captions too
                 print(f"note: this checkpoint was trained to answer {trained['dataset']} questions; ask one with "
                       f"--question \"...\" --options \"a,b,c\"", file=sys.stderr)
-            continue_prompt(model, image, args, enc)
+            mix = continue_prompt(model, image, args, enc)
     if args.show_fusion:
         text = f"Q: {args.question}" if args.question is not None else f"prompt: {args.prompt}"
         title = f"{model.mode}: mix over ViT layers per decoder layer", f"{os.path.basename(args.image)}  {text}"
         try:
-            save_fusion(model.fuser.selection[0].float().cpu(), model.fuser.layers, args.show_fusion, title)
+            save_fusion(mix.float().cpu(), model.fuser.layers, args.show_fusion, title)
         except OSError as e:
             sys.exit(f"error: cannot write --show_fusion {args.show_fusion} ({type(e).__name__}: {e.strerror})")
         print(f"fusion weights saved to {args.show_fusion}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """fuser.py: the six steps of DESIGN.md section 4 against a plain re-implementation, the
-selection weights a (B, L, K) in dehvf / static / memvp, and the memory contract llm.py relies on."""
+mix a (B, L, K) in dehvf / static / memvp, and the memory contract llm.py relies on."""
 import copy
 import functools
 import math
@@ -96,15 +96,15 @@ def test_every_public_clip_builds_a_fuser_with_the_defaults(name):
     h = torch.randn(1, 1 + vit_config.grid ** 2, vit_config.width)  # one layer's hidden state, for them all
     pooled = fuser.pool_features([h] * (vit_config.layers + 1))
     assert pooled.shape == (1, vit_config.layers, 1 + g * g, vit_config.width)
-    memory = fuser.memory(pooled, torch.ones(1, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    memory = fuser.memory_for(pooled, torch.ones(1, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
     keys, values = memory(0, torch.randn(1, 4, GPTConfig().n_embd))
     assert keys.shape == values.shape == (1, 1 + g * g, GPTConfig().n_embd)
 
 
 @pytest.mark.parametrize("mode", ["dehvf", "static"])
 def test_memory_matches_the_design_written_out(mode):
-    """Steps 1-5 computed literally (mix F, then project) equal the fuser's shortcut
-    (project each ViT layer's F once, then mix), for every decoder layer."""
+    """Steps 1-5 computed literally, with plain ops, equal the fuser's memory and mix, for
+    every decoder layer."""
     model = make(mode)
     fuser, d = model.fuser, model.gpt.config.n_embd
     images, idx, prompt_mask = inputs()
@@ -113,7 +113,7 @@ def test_memory_matches_the_design_written_out(mode):
     has_image = torch.tensor([True, False, True])
     with torch.no_grad():
         pooled = model.features(images)  # (B, K, N, D_v)
-        memory = fuser.memory(pooled, prompt_mask, has_image)
+        memory = fuser.memory_for(pooled, prompt_mask, has_image)
         for layer in range(model.gpt.config.n_layer):
             x = torch.randn(B, T, d)  # the residual stream entering this layer
             keys, values = memory(layer, x)
@@ -128,7 +128,7 @@ def test_memory_matches_the_design_written_out(mode):
             Fbar = (a[:, :, None, None] * Fk).sum(1)  # (B, N, D_v)
             Z = fuser.up(F.gelu(fuser.down(Fbar)))  # (B, N, d)
             Z[~has_image] = 0  # step 6: no image, Z = 0; the learned slots act alone
-            assert close(fuser.selection[:, layer], a, atol=1e-6)
+            assert close(memory.mix[:, layer], a, atol=1e-6)
             assert close(keys, (Z + fuser.slot_key) / math.sqrt(d))
             assert close(values, fuser.gate[layer] * (Z + fuser.slot_value))
             assert torch.equal(keys[1], fuser.slot_key / math.sqrt(d))  # exactly: no trace of its image
@@ -137,33 +137,29 @@ def test_memory_matches_the_design_written_out(mode):
             again = memory(layer, torch.randn(B, 1, d))
             assert all(u is v for u, v in zip(again, (keys, values)))
         # a batch without images needs no features: the same slots for every sample
-        keys, values = fuser.memory(None, prompt_mask, torch.zeros(B, dtype=torch.bool))(0, torch.randn(B, T, d))
+        keys, values = fuser.memory_for(None, prompt_mask, torch.zeros(B, dtype=torch.bool))(0, torch.randn(B, T, d))
         assert torch.equal(keys, (fuser.slot_key / math.sqrt(d)).expand(B, -1, -1))
         assert torch.equal(values, (fuser.gate[0] * fuser.slot_value).expand(B, -1, -1))
 
 
 @torch.no_grad()
-def test_selection_weights_per_mode():
+def test_mix_per_mode():
     images, idx, prompt_mask = inputs()
     other_images, other_idx, _ = inputs(seed=1)
     L = GPTConfig.tiny().n_layer
     for mode, K in [("dehvf", 4), ("static", 4), ("memvp", 1)]:
         model = make(mode)
-        model.hidden(images, idx, prompt_mask)  # the selection is made on the way; no logits needed
-        a = model.fuser.selection.clone()
+        a = model.fusion_mix(images, idx, prompt_mask)
         assert a.shape == (B, L, K)
         assert close(a.sum(-1), torch.ones(B, L), atol=1e-6)  # a mix over the ViT layers
         assert (a >= 0).all()
         # a different prompt, and a different image
-        model.hidden(images, other_idx, prompt_mask)
-        new_prompt = model.fuser.selection.clone()
-        model.hidden(other_images, idx, prompt_mask)
-        new_image = model.fuser.selection.clone()
+        new_prompt = model.fusion_mix(images, other_idx, prompt_mask)
+        new_image = model.fusion_mix(other_images, idx, prompt_mask)
         # a different answer (tokens outside the prompt): the mix never reads it
         answer = idx.clone()
         answer[:, PROMPT:] = other_idx[:, PROMPT:]
-        model.hidden(images, answer, prompt_mask)
-        new_answer = model.fuser.selection.clone()
+        new_answer = model.fusion_mix(images, answer, prompt_mask)
         assert torch.equal(new_answer, a)
         if mode == "dehvf":  # each sample's own mix, read off its prompt, different per decoder layer
             assert (new_prompt - a).abs().max() > 1e-2
@@ -203,7 +199,7 @@ def test_vector_gate_is_per_channel_starts_closed_and_trains_per_channel():
         # and each channel scales its own output channel of the memory
         gate.zero_()
         gate[:, 5] = 1.0
-        memory = model.fuser.memory(model.features(images), prompt_mask, torch.ones(B, dtype=torch.bool))
+        memory = model.fuser.memory_for(model.features(images), prompt_mask, torch.ones(B, dtype=torch.bool))
         for layer in range(L):
             _, values = memory(layer, torch.randn(B, T, d))
             assert values[..., 5].abs().min() > 0 and not values[..., :5].any() and not values[..., 6:].any()
