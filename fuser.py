@@ -23,9 +23,9 @@ For one batch of images and every decoder layer l:
    would give gates on the keys a zero gradient). p_k and p_v both start small
    and random, so even a batch without images gives the gates a gradient.
 6. Injection. (K_l, V_l) go into decoder layer l's FFN (llm.py), through the
-   VisualMemory that `memory_for` returns. A sample without an image has Z_l = 0: its
-   learned slots p_k, p_v act alone, as MemVP's do, so text-only problems
-   train the fuser too.
+   VisualMemory that `memory_for` returns. A sample without an image has
+   Z_l = 0: its learned slots p_k, p_v act alone, as MemVP's do, so text-only
+   problems train the fuser too.
 
 `static` mode drops W_sel g_l (a per-layer learned mix only); `memvp` mode is
 K = 1, the penultimate ViT layer, fed to every decoder layer.
@@ -90,13 +90,13 @@ class HierarchicalFuser(nn.Module):
         return torch.stack(pooled, dim=1)
 
     def memory_for(self, pooled, prompt_mask, has_image):
-        """Steps 1-6 for one batch: the `memory` llm.py's blocks call (a VisualMemory).
-        pooled: (B, K, N, D_v), or None when no sample has an image; prompt_mask: (B, T) bool;
+        """The `memory` llm.py's blocks call for one batch, a VisualMemory: step 1 here, steps 2-6 per
+        decoder layer. pooled: (B, K, N, D_v), or None when no sample has an image; prompt_mask: (B, T) bool;
         has_image: (B,) bool, False = Z_l = 0 for that sample, its learned slots p_k, p_v alone."""
         B, K, N = prompt_mask.size(0), len(self.layers), self.slot_key.size(0)
         if pooled is None:  # zeros stand in: every weight takes part as in any batch (DDP needs that)
             pooled = self.slot_key.new_zeros(B, K, N, self.norms[0].normalized_shape[0])
-        feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # step 1: F, (B, K, N, D_v)
+        feats = torch.stack([norm(pooled[:, k]) for k, norm in enumerate(self.norms)], dim=1)  # step 1: (B, K, N, D_v)
         prompt_weights = prompt_mask.float() / prompt_mask.sum(1, keepdim=True).clamp(min=1)  # (B, T), the prompt mean
         image_mask = None if has_image.all() else has_image[:, None, None]  # (B, 1, 1); None: all have one
         return VisualMemory(self, feats, prompt_weights, image_mask)
@@ -109,7 +109,7 @@ class HierarchicalFuser(nn.Module):
             return x.new_ones(B, K)
         scores = self.layer_bias[layer].expand(B, K)  # e_l
         if self.select is not None:
-            g = torch.einsum("bt,btd->bd", prompt_weights, self.select_norm(x))  # (B, d), mean of LN(x_l) over the prompt
+            g = torch.einsum("bt,btd->bd", prompt_weights, self.select_norm(x))  # (B, d): the prompt's mean LN(x_l)
             scores = scores + self.select(g)
         return scores.softmax(dim=-1)
 
@@ -125,10 +125,9 @@ class HierarchicalFuser(nn.Module):
 
 
 class VisualMemory:
-    """What llm.py's blocks call for one batch: memory(layer, x) -> (K_l, V_l) (step 6).
-    Each layer's slots are computed at its first call (the prefill, which holds the whole
-    prompt) and reused for every later token. `mix` (B, L, K) holds the a_l chosen so far,
-    for pictures and analysis."""
+    """What llm.py's blocks call for one batch: memory(layer, x) -> (K_l, V_l) (step 6). Each layer's
+    slots are made at its first call (the prefill, which holds the whole prompt) and reused for every
+    later token. `mix` (B, L, K) keeps each layer's a_l, for pictures and analysis."""
 
     def __init__(self, fuser, feats, prompt_weights, image_mask):
         self.fuser, self.feats, self.prompt_weights, self.image_mask = fuser, feats, prompt_weights, image_mask
