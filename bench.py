@@ -43,6 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
+import cli
 from llm import GPT, GPTConfig
 from model import MODES, VLM, build_backbones
 from vit import ViT, ViTConfig
@@ -210,10 +211,6 @@ def report(config, results, decode):
               f"KV cache {d['kv_tok_s']:.2f} tok/s, recompute {d['recompute_tok_s']:.2f} tok/s, x{d['speedup']:.1f}")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every default."""
-
-
 def words(s):
     return [w for w in s.split(",") if w]
 
@@ -223,7 +220,7 @@ def ints(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Help)
     p.add_argument("--llm", default="random", help='"random" (GPT-2 124M shapes), "tiny", "tiny-random", a public name or a path')
     p.add_argument("--vit", default="random", help='"random" (CLIP ViT-B/16 shapes), "tiny", "tiny-random", a public name or a path')
     p.add_argument("--modes", default=",".join(MODES), type=words, help="comma list, dehvf included")
