@@ -114,8 +114,7 @@ class VLM(nn.Module):
         fuser's selector may read (default: all); has_image: (B,) bool, False = that sample has no
         image (default: all True): in the memory modes its learned slots act alone (Z = 0), in
         prefix mode it gets no prefix."""
-        prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
-        has_image = torch.ones_like(idx[:, 0], dtype=torch.bool) if has_image is None else has_image
+        prompt_mask, has_image = _defaults(idx, prompt_mask, has_image)
         vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse
         return self.decode(self.gpt.hidden, idx, has_image, vision)  # -> decode
 
@@ -135,8 +134,7 @@ class VLM(nn.Module):
         """(B, L, K): the mix over ViT layers each decoder layer chose for each sample (DESIGN.md
         section 4, step 2), in a memory mode; arguments as hidden's. Read off the prompt, so it is
         also the mix that generate chooses at prefill for that prompt."""
-        prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
-        has_image = torch.ones_like(idx[:, 0], dtype=torch.bool) if has_image is None else has_image
+        prompt_mask, has_image = _defaults(idx, prompt_mask, has_image)
         vision = self.fuse(images, prompt_mask, has_image, features)
         self.gpt.hidden(idx, **vision)  # the decoder runs to give each layer its x_l
         return vision["memory"].mix
@@ -146,11 +144,17 @@ class VLM(nn.Module):
                  has_image=None, use_cache=True, features=None):
         """Continue prompt_idx (B, T) for an image batch. The ViT and every layer's memory are
         computed once, at prefill, and reused for each new token."""
-        prompt_mask = torch.ones_like(prompt_idx, dtype=torch.bool)  # the whole prompt is prompt
-        has_image = torch.ones_like(prompt_idx[:, 0], dtype=torch.bool) if has_image is None else has_image
+        prompt_mask, has_image = _defaults(prompt_idx, None, has_image)  # the whole prompt is prompt
         vision = self.fuse(images, prompt_mask, has_image, features)  # encode -> fuse, once
         run = lambda idx, **v: self.gpt.generate(idx, max_new_tokens, temperature, top_k, use_cache=use_cache, **v)
         return self.decode(run, prompt_idx, has_image, vision)  # -> decode, token by token
+
+
+def _defaults(idx, prompt_mask, has_image):
+    """hidden's defaults for idx (B, T): every token is prompt, (B, T); every sample has an image, (B,)."""
+    prompt_mask = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask
+    has_image = torch.ones_like(idx[:, 0], dtype=torch.bool) if has_image is None else has_image
+    return prompt_mask, has_image
 
 
 # ----------------------------------------------------------------------------- building and checkpoints
@@ -237,8 +241,7 @@ def from_checkpoint(ckpt) -> VLM:
     except ValueError as e:  # VLM's and the fuser's own checks: mode, freeze, ViT layers, pooling
         raise CheckpointError(f"checkpoint is damaged or from another version: {e}") from None
     # every key and shape checked; a backbone loaded by name is not stored (a stored one must be whole)
-    by_name = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in {"gpt", "vit"} - stored}
-    copy_state(model, {**by_name, **state}, "checkpoint")
+    copy_state(model, state, "checkpoint", in_place=tuple(f"{part}." for part in {"gpt", "vit"} - stored))
     return model
 
 
@@ -251,7 +254,7 @@ def load_training_checkpoint(path, flag, same):
     """A checkpoint train.py wrote (checkpoint_state's dict plus TRAINING's keys), to resume (flag
     --resume) or to score (--eval_only), after checking it was trained with the settings in `same`
     ({name: value}; for scoring, a setting an older checkpoint lacks is not checked)."""
-    if not Path(path).is_file():
+    if not Path(path).is_file():  # load_checkpoint would say so too, without the flag and the hint
         raise CheckpointError(f"{flag}: no checkpoint at {path} (check --out_dir)")
     ckpt = load_checkpoint(path)
     bad = [k for k, kind in TRAINING.items() if k not in ckpt or not isinstance(ckpt[k], kind)]

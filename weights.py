@@ -196,9 +196,10 @@ def read_config(config, config_file, fields, defaults, known=None):
     return out
 
 
-def copy_state(model, state: dict, source, transposed=()):
-    """Copy state (already renamed to the model's keys) into model, asserting every key and shape."""
-    ours = model.state_dict()
+def copy_state(model, state: dict, source, transposed=(), in_place=()):
+    """Copy state (already renamed to the model's keys) into model, asserting every key and shape.
+    Keys that start with a prefix in `in_place` (a backbone already loaded by name) are left as they are."""
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(in_place)}
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
         short = lambda keys: ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"

@@ -303,6 +303,23 @@ def test_checkpoint_round_trip(mode, tmp_path):
     assert set(named) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
+def test_checkpoint_with_backbones_by_path(hf_gpt2, hf_clip, tmp_path):
+    """Backbones named by a path are not stored: from_checkpoint loads them from there again and
+    copies in only the fuser, and the reloaded model computes what the saved one did."""
+    gpt, vit = GPT.from_pretrained(str(hf_gpt2[1])), ViT.from_pretrained(str(hf_clip[1]))
+    torch.manual_seed(0)
+    model = VLM(vit, gpt, "dehvf").eval()
+    for p in model.trainable_parameters():
+        p.add_(torch.randn(p.shape) * 0.3)  # off the init, so a fuser not copied in would show
+    ckpt = checkpoint_state(model, str(hf_gpt2[1]), str(hf_clip[1]))
+    assert not any(k.startswith(("gpt.", "vit.")) for k in ckpt["model"])
+    loaded = from_checkpoint(ckpt).eval()
+    g = torch.Generator().manual_seed(0)
+    images, idx = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 101, (2, 7), generator=g)
+    assert torch.equal(loaded(images, idx)[0], model(images, idx)[0])
+
+
 def test_not_a_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "other.pt")  # some other project's file
     with pytest.raises(CheckpointError, match="not a nanoDEHVF checkpoint"):
