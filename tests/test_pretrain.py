@@ -130,3 +130,21 @@ def test_cache_builds_once_and_rebuilds_on_change(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes, "VERSION", shapes.VERSION + 1)  # a new shapes generator: rebuilt too
     pretrain.tiny_vit(recipe=recipe, seed=1, config=SMALL_VIT, progress=False)
     assert list((tmp_path / "tiny").glob("vit-*.pt")) != files
+
+
+def test_a_build_runs_on_one_thread_whatever_the_callers_count(tmp_path, monkeypatch):
+    """The cached weights are named by config, recipe, seed and data version only, so they must
+    not depend on the machine's thread count (which changes the order of float sums, and two
+    threads built a measurably different decoder from one): a build runs on one thread."""
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path))
+    seen = []
+    train_vit = pretrain.train_vit
+    monkeypatch.setattr(pretrain, "train_vit", lambda *a, **k: (seen.append(torch.get_num_threads()), train_vit(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pretrain.tiny_vit(recipe=pretrain.ViTRecipe(steps=1, batch_size=4, warmup=1, images=4), config=SMALL_VIT,
+                          progress=False)
+        assert seen == [1] and torch.get_num_threads() == 2  # pinned for the build, given back after
+    finally:
+        torch.set_num_threads(before)
