@@ -359,7 +359,8 @@ def _cached(kind, config, recipe, seed, build, progress):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thread count changes float sums' order, and these builds diverge on it: pin it
     try:
-        state = build().state_dict()
+        with torch.random.fork_rng(devices=[]):  # building or loading leaves the caller's random state alike
+            state = build().state_dict()
     finally:
         torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,16 @@ def test_a_build_runs_on_one_thread_whatever_the_callers_count(tmp_path, monkeyp
         assert seen == [1] and torch.get_num_threads() == 2  # pinned for the build, given back after
     finally:
         torch.set_num_threads(before)
+
+
+def test_building_or_loading_leaves_the_callers_random_state_alike(tmp_path, monkeypatch):
+    """train.py seeds, builds the backbones, then initialises the fuser: a first run (which
+    builds them) and a later one (which loads them) must start the fuser from the same weights."""
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path))
+    recipe = pretrain.ViTRecipe(steps=2, batch_size=4, warmup=1, images=4)
+    draws = []
+    for _ in range(2):  # built, then loaded from the cache
+        torch.manual_seed(7)
+        pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
