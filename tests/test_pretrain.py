@@ -104,10 +104,27 @@ def test_vit_pretraining_is_deterministic_and_learns_its_labels():
     again, _ = pretrain.train_vit(SMALL_VIT, recipe, seed=2, progress=False)
     for (name, x), y in zip(vit.state_dict().items(), again.state_dict().values()):
         assert torch.equal(x, y), name
-    pixels, shape_of, _ = pretrain.vit_data(64, 64, 4, seed=2, progress=False)  # the very images it trained on
-    untrained = pretrain.ViTHeads(SMALL_VIT.width)
+    pixels, shape_of, colour_of = pretrain.vit_data(64, 64, 4, seed=2, progress=False)  # the very images it trained on
     with torch.no_grad():
-        assert heads.loss(vit(pixels)[-1], shape_of) < 0.7 * untrained.loss(pretrain.ViT(SMALL_VIT)(pixels)[-1], shape_of)
+        trained = heads.losses(vit(pixels), shape_of, colour_of)
+        untrained = pretrain.ViTHeads(SMALL_VIT.width).losses(pretrain.ViT(SMALL_VIT)(pixels), shape_of, colour_of)
+    assert set(trained) == {"shape", "count", "colour"}
+    assert sum(trained.values()) < 0.7 * sum(untrained.values())
+    for name in trained:  # each label is learned, not only the easiest
+        assert trained[name] < 0.9 * untrained[name], name
+
+
+def test_vit_colour_labels_sit_on_the_recipes_layer():
+    hidden = [torch.randn(2, 17, 8, requires_grad=True) for _ in range(4)]  # h_0..h_3, 4 x 4 patches
+    shape_of, colour_of = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long)
+    shape_of[:, :3], colour_of[:, :3] = torch.randint(1, 6, (2, 3)), torch.randint(1, 7, (2, 3))  # 3 objects
+    for layer in (0, 1, 2):
+        losses = pretrain.ViTHeads(8, colour_layer=layer).losses(hidden, shape_of, colour_of)
+        grads = torch.autograd.grad(sum(losses.values()), hidden, allow_unused=True)
+        reached = [i for i, g in enumerate(grads) if g is not None]
+        assert reached == ([3] if layer == 0 else [layer, 3]), layer  # the last layer: shape and count
+    with pytest.raises(ValueError, match="colour_layer"):
+        pretrain.train_vit(SMALL_VIT, pretrain.ViTRecipe(steps=1, colour_layer=SMALL_VIT.layers + 1), progress=False)
 
 
 def test_cache_builds_once_and_rebuilds_on_change(tmp_path, monkeypatch):
