@@ -15,7 +15,7 @@ like downloaded weights:
   ViT      a 4-layer CLIP-style ViT trained on shapes images with labels that
            never see a question: each last-layer patch token names the shape
            in its cell (or none), the class token counts the objects, and each
-           first-layer patch token names its cell's colour. Like CLIP's, its
+           second-layer patch token names its cell's colour. Like CLIP's, its
            deep layers are trained on concepts (shape, count), so fine detail
            (colour) is strongest in the shallow ones: which ViT layer to read
            is a real question for the fuser. (Without the colour labels colour
@@ -72,7 +72,7 @@ class ViTRecipe:
     warmup: int = 100
     weight_decay: float = 0.05
     images: int = 6000  # scenes drawn once and reused (drawing is the slow part)
-    colour_layer: int = 1  # the shallow layer whose patch tokens name their cell's colour (0: no colour labels)
+    colour_layer: int = 2  # the shallow layer whose patch tokens name their cell's colour (0: no colour labels)
 
 
 # ----------------------------------------------------------------------------- decoder text
@@ -278,7 +278,7 @@ class ViTHeads(torch.nn.Module):
     shape in its cell (or none), the class token counts the objects, and each patch token of
     layer `colour_layer` names its cell's colour (or none)."""
 
-    def __init__(self, width, colour_layer=1):
+    def __init__(self, width, colour_layer=2):
         super().__init__()
         self.shape = torch.nn.Linear(width, 1 + len(shapes.SHAPES))
         self.count = torch.nn.Linear(width, 6)  # 0..5 objects
