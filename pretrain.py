@@ -278,7 +278,7 @@ class ViTHeads(torch.nn.Module):
     shape in its cell (or none), the class token counts the objects, and each patch token of
     layer `colour_layer` names its cell's colour (or none)."""
 
-    def __init__(self, width, colour_layer=2):
+    def __init__(self, width, colour_layer):
         super().__init__()
         self.shape = torch.nn.Linear(width, 1 + len(shapes.SHAPES))
         self.count = torch.nn.Linear(width, 6)  # 0..5 objects
