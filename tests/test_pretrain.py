@@ -107,7 +107,8 @@ def test_vit_pretraining_is_deterministic_and_learns_its_labels():
     pixels, shape_of, colour_of = pretrain.vit_data(64, 64, 4, seed=2, progress=False)  # the very images it trained on
     with torch.no_grad():
         trained = heads.losses(vit(pixels), shape_of, colour_of)
-        untrained = pretrain.ViTHeads(SMALL_VIT.width, recipe.colour_layer).losses(pretrain.ViT(SMALL_VIT)(pixels), shape_of, colour_of)
+        fresh = pretrain.ViTHeads(SMALL_VIT.width, recipe.colour_layer)
+        untrained = fresh.losses(pretrain.ViT(SMALL_VIT)(pixels), shape_of, colour_of)
     assert set(trained) == {"shape", "count", "colour"}
     assert sum(trained.values()) < 0.7 * sum(untrained.values())
     for name in trained:  # each label is learned, not only the easiest
