@@ -314,7 +314,9 @@ def train_vit(config: ViTConfig, recipe: ViTRecipe, seed=0, progress=True):
 
 def probe_vit(vit, n=1500, seed=54321, steps=300):
     """Which ViT layer holds what: a linear probe per layer on patch tokens (colour and shape of
-    the cell's object, non-empty cells) and class tokens (count), fit on 2/3, accuracy (%) on 1/3."""
+    the cell's object, non-empty cells) and class tokens (count), fit on 2/3, accuracy (%) on 1/3;
+    and how loud each is: the share (%) of the LayerNormed patch tokens' variance that the cell's
+    colour or shape explains ("colour var", "shape var"; what the fuser, which LNs each layer, sees)."""
     pixels, shape_of, colour_of = vit_data(n, vit.config.image_size, vit.config.grid, seed, progress=False)
     with torch.no_grad():
         hidden = vit(pixels)
@@ -328,10 +330,18 @@ def probe_vit(vit, n=1500, seed=54321, steps=300):
             x_tr, y_tr = full[:split][keep[:split]], labels[:split][keep[:split]]
             x_te, y_te = full[split:][keep[split:]], labels[split:][keep[split:]]
             row[name] = _probe(x_tr, y_tr, x_te, y_te, steps)
+            row[f"{name} var"] = _explained(F.layer_norm(full, full.shape[-1:])[keep], labels[keep])
         count = (shape_of > 0).sum(1)
         row["count"] = _probe(h[:split, 0], count[:split], h[split:, 0], count[split:], steps)
         out[f"h{layer}"] = row
     return out
+
+
+def _explained(x, labels):
+    """Share (%) of the variance of x (N, D) between the groups of labels (N,): sum_c n_c |mean_c - mean|^2 / total."""
+    centred = x - x.mean(0)
+    between = sum((labels == c).sum() * centred[labels == c].mean(0).pow(2).sum() for c in labels.unique())
+    return round(100.0 * (between / centred.pow(2).sum()).item(), 1)
 
 
 def _probe(x_tr, y_tr, x_te, y_te, steps):

@@ -179,3 +179,11 @@ def test_building_or_loading_leaves_the_callers_random_state_alike(tmp_path, mon
         pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[1])
+
+
+def test_explained_variance_share():
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # one axis per labelling
+    assert pretrain._explained(x, torch.tensor([0, 0, 1, 1])) == 50.0  # explains axis 0: half the variance
+    assert pretrain._explained(x, torch.tensor([0, 1, 0, 1])) == 50.0  # axis 1
+    assert pretrain._explained(x, torch.tensor([0, 1, 1, 0])) == 0.0  # neither: both groups average to 0
+    assert pretrain._explained(x, torch.arange(4)) == 100.0  # every point its own group
