@@ -20,7 +20,8 @@ like downloaded weights:
            (colour) is strongest in the shallow ones: which ViT layer to read
            is a real question for the fuser. (Without the colour labels colour
            is still linearly readable in every layer, but as a small share of
-           the features' variance, 2-7% in h1-h4, and the fuser hardly learned to read it.)
+           the features' variance, 2-7% in h1-h4, and the fuser hardly learned
+           to read it.)
 
 Both are built on first use (a progress bar each) into the weights cache
 (weights.cache_dir()/tiny/...), under a fingerprint of their config, the shapes
