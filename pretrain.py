@@ -326,12 +326,13 @@ def probe_vit(vit, n=1500, seed=54321, steps=300):
     for layer, h in enumerate(hidden):
         row = {}
         full = h[:, 1:]  # (n, P, D)
+        normed = F.layer_norm(full, full.shape[-1:])  # as the fuser sees a layer
         for name, labels in (("colour", colour_of), ("shape", shape_of)):
             keep = labels > 0
             x_tr, y_tr = full[:split][keep[:split]], labels[:split][keep[:split]]
             x_te, y_te = full[split:][keep[split:]], labels[split:][keep[split:]]
             row[name] = _probe(x_tr, y_tr, x_te, y_te, steps)
-            row[f"{name} var"] = _explained(F.layer_norm(full, full.shape[-1:])[keep], labels[keep])
+            row[f"{name} var"] = _explained(normed[keep], labels[keep])
         count = (shape_of > 0).sum(1)
         row["count"] = _probe(h[:split, 0], count[:split], h[split:, 0], count[split:], steps)
         out[f"h{layer}"] = row
