@@ -283,7 +283,7 @@ class ViTHeads(torch.nn.Module):
         super().__init__()
         self.shape = torch.nn.Linear(width, 1 + len(shapes.SHAPES))
         self.count = torch.nn.Linear(width, 6)  # 0..5 objects
-        self.colour = torch.nn.Linear(width, 1 + len(shapes.COLOURS))
+        self.colour = torch.nn.Linear(width, 1 + len(shapes.COLOURS)) if colour_layer else None
         self.colour_layer = colour_layer
 
     def losses(self, hidden, shape_of, colour_of):  # hidden: [h_0..h_L], each (B, 1 + P, D)
