@@ -79,7 +79,7 @@ def test_decoder_text_asks_the_fuser_stage_question_and_answers_it_right():
 
 
 def test_decoder_pretraining_is_deterministic_and_learns(vocab):
-    recipe = pretrain.DecoderRecipe(steps=40, batch_size=8, lr=3e-3, warmup=5)
+    recipe = pretrain.DecoderRecipe(steps=40, batch_size=8, lr=3e-3, warmup=5, lookup_steps=5, lookup_batch_size=4)
     rng = random.Random(0)
     held_out = [pretrain.decoder_batch(rng, vocab, recipe, SMALL_GPT.block_size) for _ in range(2)]
 
@@ -96,6 +96,31 @@ def test_decoder_pretraining_is_deterministic_and_learns(vocab):
     untrained = pretrain.export_decoder(GPT(GPTConfig(**{**SMALL_GPT.__dict__, "vocab_size": vocab.size})),
                                         vocab, SMALL_GPT)
     assert loss(a) < 0.7 * loss(untrained)
+
+
+def test_lookup_warm_up_rows_ask_what_they_say(vocab):
+    """Even rows repeat a list (each target is the token one period back); odd rows list distinct
+    tokens, then " right x" -> the token after x, " left x" -> the token before x."""
+    right, left = (vocab.small[get_encoding().encode_ordinary(w)[0]] for w in (" right", " left"))
+    idx, tgt = pretrain.lookup_batch(random.Random(5), vocab, 8, 48)
+    assert idx.shape == tgt.shape == (8, 48)
+    asked = set()
+    for b in range(8):
+        y = tgt[b].tolist()
+        row = idx[b].tolist() + [y[-1]]  # the whole row: the last token is only a target
+        targets = [t for t, v in enumerate(y) if v != -100]
+        assert targets and all(y[t] == row[t + 1] for t in targets)  # targets are the next tokens
+        if b % 2 == 0:
+            period = next(p for p in range(4, 20) if all(row[t + 1] == row[t + 1 - p] for t in targets))
+            assert all(row[t + 1 - period] == y[t] for t in targets)
+            continue
+        items = row[:min(i for i, token in enumerate(row) if token in (right, left))]
+        assert len(set(items)) == len(items) and right not in items and left not in items
+        for t in targets:  # row[t - 1] is " right" or " left", row[t] the item asked about
+            at = items.index(row[t])
+            asked.add(row[t - 1])
+            assert y[t] == items[at + 1 if row[t - 1] == right else at - 1]
+    assert asked == {right, left}
 
 
 def test_vit_pretraining_is_deterministic_and_learns_its_labels():
