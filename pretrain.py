@@ -191,10 +191,11 @@ def lookup_batch(rng, vocab, batch_size, length):
     the token after x in the list, " left x" -> the one before it. Shapes questions are these two
     look-ups: "Which shape is red?" is the token after " red" in the context, "What colour is the
     star?" the token before " star". Trained on shapes text alone the tiny decoder did not form
-    them in 12,000 steps (it answered with any value the scene names); on these lists it forms
+    them in up to 12,000 steps (it answered with any value the scene names); on these lists it forms
     them in a few hundred, and shapes text then learns to use them."""
-    right, left, n = vocab.small[get_encoding().encode_ordinary(" right")[0]], \
-        vocab.small[get_encoding().encode_ordinary(" left")[0]], vocab.other
+    enc = get_encoding()
+    right, left = (vocab.small[enc.encode_ordinary(word)[0]] for word in (" right", " left"))
+    n = vocab.other  # the small vocabulary's own tokens are 0..n-1
     idx = torch.empty(batch_size, length + 1, dtype=torch.long)
     tgt = torch.full((batch_size, length + 1), -100, dtype=torch.long)
     for b in range(batch_size):
