@@ -298,6 +298,18 @@ def _check(root, params):
                         f"got {params['grid']!r}")
 
 
+def _install(tmp, root, params):
+    """Move the set just made at tmp into root, unless another run made the same set there while
+    this one generated (two train.py runs started together): replacing it would pull the files
+    from under the run already reading them."""
+    params_file = os.path.join(root, "params.json")
+    if os.path.isfile(params_file) and read_json(params_file) == params:
+        shutil.rmtree(tmp)
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+
+
 def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, n_test=None, grid=4):
     """Make sure root holds the shapes set with these parameters; (re)generate it if it is
     missing or was made with others, unless root holds files the generator did not write. Returns root."""
@@ -328,8 +340,7 @@ def ensure_shapes(root="data/raw/shapes", n_train=N_TRAIN, n_val=N_VAL, seed=0, 
         generate(tmp, n_train, n_val, params["n_test"], seed, grid)
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
+        _install(tmp, root, params)
     except OSError as e:
         raise DataError(f"shapes: cannot write {root} ({type(e).__name__}: {e.strerror})") from None
     finally:

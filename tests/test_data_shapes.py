@@ -145,6 +145,24 @@ def test_ensure_shapes_regenerates_only_when_needed(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
+def test_a_set_made_meanwhile_by_another_run_is_kept(tmp_path):
+    """Two runs started together both generate; the second to finish must not replace (and so
+    briefly delete) the identical set the first is already reading."""
+    from data.shapes import _install
+    root = str(tmp_path / "shapes")
+    ensure_shapes(root, n_train=10, n_val=5, seed=0)  # the first run's set
+    stamp = os.path.getmtime(os.path.join(root, "problems.json"))
+    params = json.load(open(os.path.join(root, "params.json")))
+    tmp = str(tmp_path / "shapes.tmp2")  # the second run's copy, made the same way
+    generate(tmp, 10, 5, 5, 0, progress=False)
+    json.dump(params, open(os.path.join(tmp, "params.json"), "w"))
+    _install(tmp, root, params)
+    assert os.path.getmtime(os.path.join(root, "problems.json")) == stamp and not os.path.exists(tmp)
+    generate(tmp, 10, 5, 5, 0, progress=False)  # made with other parameters: it does replace the set
+    _install(tmp, root, {**params, "n_train": 11})
+    assert os.path.getmtime(os.path.join(root, "problems.json")) != stamp and not os.path.exists(tmp)
+
+
 def test_captions_train_beside_the_questions_and_are_checked_against_the_scene(shapes):
     """The default run's caption examples (one image in four) and the check that a generated
     caption names an object of the scene: every reference passes, a wrong colour does not."""
