@@ -165,6 +165,8 @@ OFFLINE = ("tiny", "tiny-random")  # backbones made here, not loaded by name: sm
 def build_backbones(llm="tiny", vit="tiny"):
     """A public name or local path for each backbone; or "tiny": small ones pretrained offline on
     shapes (pretrain.py, built once and cached); or "tiny-random": the same sizes, untrained."""
+    if llm == vit == "tiny":
+        return pretrain.tiny_backbones()  # on a first run, the two builds side by side
     gpt = {"tiny": pretrain.tiny_decoder, "tiny-random": lambda: GPT(GPTConfig.tiny())}.get(llm)
     vision = {"tiny": pretrain.tiny_vit, "tiny-random": lambda: ViT(ViTConfig.tiny())}.get(vit)
     return (vision() if vision else ViT.from_pretrained(vit)), (gpt() if gpt else GPT.from_pretrained(llm))

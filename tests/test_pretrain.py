@@ -5,6 +5,7 @@ stage asks and answers it right, the loops are deterministic and learn, and
 the cache rebuilds when anything that makes the weights changes.
 """
 import math
+import os
 import random
 
 import pytest
@@ -204,6 +205,24 @@ def test_building_or_loading_leaves_the_callers_random_state_alike(tmp_path, mon
         pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the backbones build one after the other")
+def test_a_first_run_builds_the_vit_beside_the_decoder_with_the_same_weights(tmp_path, monkeypatch):
+    """Neither backbone cached: the ViT builds in a second process while the decoder builds here,
+    and both equal what building them one after the other gives."""
+    small = dict(vit_recipe=pretrain.ViTRecipe(steps=3, batch_size=4, warmup=1, images=8), vit_config=SMALL_VIT,
+                 decoder_recipe=pretrain.DecoderRecipe(steps=3, batch_size=2, warmup=1, lookup_steps=2,
+                                                       lookup_batch_size=2), decoder_config=SMALL_GPT)
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path / "in-turn"))
+    vit = pretrain.tiny_vit(3, small["vit_recipe"], SMALL_VIT, progress=False)
+    gpt = pretrain.tiny_decoder(3, small["decoder_recipe"], SMALL_GPT, progress=False)
+    monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path / "beside"))
+    monkeypatch.setattr(pretrain, "train_vit", lambda *a, **k: pytest.fail("the ViT was built here, not beside"))
+    vit_beside, gpt_beside = pretrain.tiny_backbones(3, progress=False, **small)
+    for a, b in ((vit, vit_beside), (gpt, gpt_beside)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
 
 
 def test_explained_variance_share():
