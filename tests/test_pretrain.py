@@ -22,6 +22,13 @@ SMALL_GPT = GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32)
 SMALL_VIT = ViTConfig(image_size=64, patch_size=16, width=32, layers=2, heads=2, mlp_width=64)
 
 
+def assert_same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys()
+    for name, x in a.items():
+        assert torch.equal(x, b[name]), name
+
+
 @pytest.fixture(scope="module")
 def vocab():
     return pretrain.Vocab(n_docs=2000)
@@ -92,8 +99,7 @@ def test_decoder_pretraining_is_deterministic_and_learns(vocab):
 
     a = pretrain.train_decoder(SMALL_GPT, recipe, seed=1, progress=False)
     b = pretrain.train_decoder(SMALL_GPT, recipe, seed=1, progress=False)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_weights(a, b)
     untrained = pretrain.export_decoder(GPT(GPTConfig(**{**SMALL_GPT.__dict__, "vocab_size": vocab.size})),
                                         vocab, SMALL_GPT)
     assert loss(a) < 0.7 * loss(untrained)
@@ -128,8 +134,7 @@ def test_vit_pretraining_is_deterministic_and_learns_its_labels():
     recipe = pretrain.ViTRecipe(steps=30, batch_size=16, lr=3e-3, warmup=5, images=64)
     vit, heads = pretrain.train_vit(SMALL_VIT, recipe, seed=2, progress=False)
     again, _ = pretrain.train_vit(SMALL_VIT, recipe, seed=2, progress=False)
-    for (name, x), y in zip(vit.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_weights(vit, again)
     pixels, shape_of, colour_of = pretrain.vit_data(64, 64, 4, seed=2, progress=False)  # the very images it trained on
     with torch.no_grad():
         trained = heads.losses(vit(pixels), shape_of, colour_of)
@@ -163,8 +168,7 @@ def test_cache_builds_once_and_rebuilds_on_change(tmp_path, monkeypatch):
     stamp = files[0].stat().st_mtime_ns
     second = pretrain.tiny_vit(recipe=recipe, config=SMALL_VIT, progress=False)  # from the cache
     assert files[0].stat().st_mtime_ns == stamp
-    for x, y in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(x, y)
+    assert_same_weights(first, second)
     for changed in (dict(recipe=pretrain.ViTRecipe(steps=3, batch_size=4, warmup=1, images=8)),
                     dict(recipe=recipe, seed=1)):
         pretrain.tiny_vit(config=SMALL_VIT, progress=False, **changed)
@@ -220,9 +224,8 @@ def test_a_first_run_builds_the_vit_beside_the_decoder_with_the_same_weights(tmp
     monkeypatch.setenv("NANODEHVF_CACHE", str(tmp_path / "beside"))
     monkeypatch.setattr(pretrain, "train_vit", lambda *a, **k: pytest.fail("the ViT was built here, not beside"))
     vit_beside, gpt_beside = pretrain.tiny_backbones(3, progress=False, **small)
-    for a, b in ((vit, vit_beside), (gpt, gpt_beside)):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(x, y), name
+    assert_same_weights(vit, vit_beside)
+    assert_same_weights(gpt, gpt_beside)
 
 
 def test_explained_variance_share():
