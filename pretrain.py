@@ -107,7 +107,7 @@ def decoder_document(rng, hard=1.0, questions=2, lookups=6, text=0.25):
     if roll < 0.1 + text:  # a text-only question (ScienceQA's TXT and NO)
         question, hint, answer, pool = shapes._ask_text(rng, rng.random() < 0.5)
         choices = _options(rng, answer, pool, [], 0.0)
-        return [(build_prompt(question, hint, choices), False), (f" The answer is {answer}.", True)]
+        return [(build_prompt(question, hint, choices), False), (f"{shapes.answer_prefix(question)} {answer}.", True)]
     scene = shapes.make_scene(rng, most=5)
     values = {"colour": [o["colour"] for o in scene["objects"]], "shape": [o["shape"] for o in scene["objects"]],
               "count": [], "position": [o["shape"] for o in scene["objects"]]}
@@ -123,7 +123,7 @@ def decoder_document(rng, hard=1.0, questions=2, lookups=6, text=0.25):
             first = False
         else:
             prompt = "\n" + build_prompt(question, "", choices).replace("\nContext: N/A", "")
-        segments += [(prompt, False), (f" The answer is {answer}.", True)]
+        segments += [(prompt, False), (f"{shapes.answer_prefix(question)} {answer}.", True)]
     objects = scene["objects"]
     for _ in range(lookups):
         key, value = rng.choice((("shape", "colour"), ("colour", "shape")))
@@ -296,7 +296,7 @@ def decoder_accuracy(gpt, n=400, seed=12345, hard=0.5):
         else:
             continue
         choices = _options(rng, answer, pool, values, hard)
-        prompt = build_prompt(question, hint, choices) + " The answer is"
+        prompt = build_prompt(question, hint, choices) + shapes.answer_prefix(question)
         logits = gpt.lm_head(gpt.hidden(torch.tensor([enc.encode_ordinary(prompt)]))[0, -1])
         pick = max(choices, key=lambda c: logits[enc.encode_ordinary(" " + c)[0]].item())
         binding = qtype in ("colour", "shape", "position") and sum(c in values for c in choices) > 1
@@ -412,7 +412,7 @@ def _probe(x_tr, y_tr, x_te, y_te, steps):
 
 # ----------------------------------------------------------------------------- the cache
 
-VERSION = 3  # bump when the text, the labels or the loops change, so cached backbones are rebuilt (3: look-up warm-up)
+VERSION = 4  # bump when the text, the labels or the loops change, so cached backbones are rebuilt (4: answers restate the key)
 
 
 def cache_path(kind, config, recipe, seed):

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import cli
 import model as vlm
+from data import shapes
 from data.batch import DataError, Example, choice_batch, load_image, score_choices, to_device
 from data.scienceqa import ANSWER_PREFIX, build_prompt, load_scienceqa
 from data.tokenizer import EOT, get_encoding
@@ -93,16 +94,16 @@ def get_args(argv=None):
     return args
 
 
-def answer_question(model, args, answer_format, enc):
-    """Score the options; print the answer and each option's probability (among the options)."""
+def answer_question(model, args, answer_format, enc, prefix=ANSWER_PREFIX):
+    """Score the options after prefix; print the answer and each option's probability (among the options)."""
     shown = string.ascii_uppercase[:len(args.options)] if answer_format == "letter" else args.options
     ex = Example(id="--question", prompt=build_prompt(args.question, args.context, args.options), target="",
-                 image=args.image, answer_prefix=ANSWER_PREFIX, choices=[f" {s}" for s in shown])
+                 image=args.image, answer_prefix=prefix, choices=[f" {s}" for s in shown])
     transform = lambda img: preprocess(img, model.vit.config.image_size)
     batch = to_device(choice_batch([ex], enc, transform, model.block_size), args.device)
     probs = score_choices(model, batch)[0].softmax(dim=-1).tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
-    print(f"{ex.prompt}{ANSWER_PREFIX}{ex.choices[best]}.")
+    print(f"{ex.prompt}{prefix}{ex.choices[best]}.")
     width = max(len(o) for o in args.options)
     for i, (letter, option, prob) in enumerate(zip(string.ascii_uppercase, args.options, probs)):
         print(f"  ({letter}) {option:<{width}}  {prob:.3f}{'  <-' if i == best else ''}")
@@ -200,7 +201,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     with torch.no_grad():
         if args.question is not None:
-            mix = answer_question(model, args, args.answer or trained.get("answer", "letter"), enc)
+            answer = args.answer or trained.get("answer", "letter")
+            shapes_text = trained.get("dataset") == "shapes" and answer == "text"  # as it was trained to answer
+            prefix = shapes.answer_prefix(args.question) if shapes_text else ANSWER_PREFIX
+            mix = answer_question(model, args, answer, enc, prefix)
         else:
             if trained.get("dataset") == "scienceqa":  # shapes trains captions too
                 print(f"note: this checkpoint was trained to answer {trained['dataset']} questions; ask one with "

@@ -135,13 +135,13 @@ def _captions(root):
     return captions["captions"]
 
 
-def build_target(letter_or_text, lecture="", solution="", target="qcm-a"):
-    """The target: ' The answer is A.' (QCM-A), or LaVIN's QCM-ALE output with a leading space,
+def build_target(letter_or_text, lecture="", solution="", target="qcm-a", prefix=ANSWER_PREFIX):
+    """The target: ' The answer is A.' (QCM-A; shapes' text answers start with their own prefix), or LaVIN's QCM-ALE output with a leading space,
     ' The answer is A. BECAUSE: {lecture} {solution}': newlines written as \\n, double spaces
     replaced once, stripped, as LaVIN's create_training_example (so with neither text it ends
     in "BECAUSE:", as LaVIN's does: its line meant to drop that assigns to an unused name)."""
     if target == "qcm-a":
-        return f"{ANSWER_PREFIX} {letter_or_text}."
+        return f"{prefix} {letter_or_text}."
     lecture, solution = (lecture or "").replace("\n", "\\n"), (solution or "").replace("\n", "\\n")
     return " " + f"The answer is {letter_or_text}. BECAUSE: {lecture} {solution}".replace("  ", " ").strip()
 
@@ -151,12 +151,13 @@ def _example(pid, p, root, split, answer, caption="", target="qcm-a"):
     letters = string.ascii_uppercase[:len(choices)]
     shown = letters if answer == "letter" else choices
     has_image = bool(p.get("image"))
+    prefix = (answer == "text" and p.get("answer_prefix")) or ANSWER_PREFIX  # shapes' own ("The circle is")
     return Example(
         id=pid,
         prompt=build_prompt(p["question"], hint, choices, caption),
-        target=build_target(shown[p["answer"]], p.get("lecture"), p.get("solution"), target),
+        target=build_target(shown[p["answer"]], p.get("lecture"), p.get("solution"), target, prefix),
         image=_image_path(root, pid, p, split) if has_image else None,
-        answer_prefix=ANSWER_PREFIX,
+        answer_prefix=prefix,
         choices=[f" {c}" for c in shown],
         answer=p["answer"],
         meta={"subject": p.get("subject", ""), "grade": p.get("grade", ""), "hint": hint,

@@ -15,6 +15,14 @@ match the cells sees one object per patch. Question types:
     text      no image; the fact is in the hint (ScienceQA's TXT) or in the
               question itself (NO context)
 
+The answer restates the question's key just before the answer word:
+" The circle is red.", " It is the blue square.", " The shape left of the red
+square is the star." (count and text: " The answer is 3."). A tiny decoder
+finds the object a question names when that name sits right before the word
+to produce, far less often when it sits back in the question (README,
+"Results on shapes"). Each problem stores its prefix as "answer_prefix", and
+the loader scores the options after it.
+
 Position: A is left of B when A's grid column is smaller than B's, right of when
 larger, above when A's grid row is smaller, below when larger. Since objects
 stay inside their cells these relations hold for the whole shapes, and a
@@ -46,7 +54,7 @@ from tqdm import tqdm
 
 from data.batch import DataError, read_json
 
-VERSION = 2  # bump when the generator changes, so ensure_shapes regenerates old copies
+VERSION = 3  # bump when the generator changes, so ensure_shapes regenerates old copies
 N_TRAIN, N_VAL = 16000, 400  # default sizes (train.py uses them too); test has N_VAL problems
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),
@@ -139,6 +147,18 @@ def _ask(rng, qtype, scene):
             answer = related(scene, ref, rel)[0]["shape"]
             return f"Which shape is {rel} the {ref['colour']} {ref['shape']}?", "", answer, list(SHAPES)
     return None
+
+
+def answer_prefix(question):
+    """What the answer to a shapes question starts with: its key restated, so the answer word follows
+    it ("What colour is the circle?" -> " The circle is"); " The answer is" for any other question."""
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        return f" The {m[1]} is"
+    if m := re.fullmatch(r"Which shape is (\w+)\?", question):
+        return f" It is the {m[1]}"
+    if m := re.fullmatch(r"Which shape is ((?:left|right) of|above|below) the (\w+) (\w+)\?", question):
+        return f" The shape {m[1]} the {m[2]} {m[3]} is the"
+    return " The answer is"
 
 
 def _ask_text(rng, inline):
@@ -235,7 +255,8 @@ def _problem(rng, qtype, split, bags, grid):
                "image": "image.png" if scene else None, "task": "closed choice",
                "grade": f"grade{rng.choice(grades)}", "subject": subject, "topic": topic,
                "category": category, "skill": category.lower(), "lecture": "",
-               "solution": f"The answer is {answer}.", "split": split, "qtype": qtype, "scene": scene}
+               "solution": f"The answer is {answer}.", "split": split, "qtype": qtype, "scene": scene,
+               "answer_prefix": answer_prefix(question)}
     return problem, scene
 
 

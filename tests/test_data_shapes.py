@@ -12,7 +12,7 @@ from PIL import Image
 from data.batch import DataError
 from data.coco import load_coco
 from data.scienceqa import load_scienceqa, score
-from data.shapes import BACKGROUNDS, BG_JITTER, COLOURS, SHAPES, ensure_shapes, generate
+from data.shapes import BACKGROUNDS, BG_JITTER, COLOURS, SHAPES, answer_prefix, ensure_shapes, generate
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,27 @@ def test_loaders_read_it_and_every_category_exists(shapes):
     for o in objs:  # every object is named in the first reference
         assert f"{o['colour']} {o['shape']}" in caps[0].references[0]
     assert caps[0].target == " " + caps[0].references[0] and caps[0].prompt == "A picture of"
+
+
+def test_text_answers_restate_the_key_just_before_the_answer(shapes):
+    root, problems = shapes
+    restated = Counter()
+    for ex in load_scienceqa(root, "train", answer="text"):
+        p, answer = problems[ex.id], ex.choices[ex.answer]
+        assert ex.target == f"{ex.answer_prefix}{answer}." and ex.answer_prefix == answer_prefix(p["question"])
+        if p["qtype"] in ("colour", "shape", "position"):
+            named = {word for o in p["scene"]["objects"] for word in (o["shape"], o["colour"])}
+            assert set(ex.answer_prefix.split()) & named  # the object the question names is named again
+            restated[p["qtype"]] += 1
+        else:
+            assert ex.answer_prefix == " The answer is"
+    assert set(restated) == {"colour", "shape", "position"}
+    assert answer_prefix("What colour is the star?") == " The star is"
+    assert answer_prefix("Which shape is red?") == " It is the red"
+    assert answer_prefix("Which shape is left of the red star?") == " The shape left of the red star is the"
+    assert answer_prefix("What colour is the big star?") == " The answer is"  # not a shapes question
+    # letter answers keep the published format, whatever the dataset
+    assert all(ex.answer_prefix == " The answer is" for ex in load_scienceqa(root, "train", answer="letter"))
 
 
 def test_ensure_shapes_regenerates_only_when_needed(tmp_path):

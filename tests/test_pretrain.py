@@ -73,15 +73,17 @@ def test_decoder_text_asks_the_fuser_stage_question_and_answers_it_right():
         context = first.split("\nContext: ")[1].split("\n")[0]
         options = [o.split(") ", 1)[1] for o in first.split("\nOptions: ")[1].split("\n")[0].split(" (")]
         assert first == build_prompt(question, context, options)
-        answer = target.removeprefix(" The answer is ").removesuffix(".")
+        answer = target.removeprefix(shapes.answer_prefix(question) + " ").removesuffix(".")
         assert answer in options and not segments[0][1] and segments[1][1]  # loss on the answer only
         if question.startswith("What colour is the ") and "in the box" not in question:
             shape = question.removeprefix("What colour is the ").removesuffix("?")
             assert f"a {answer} {shape} in row" in context  # the scene says so
+            assert target == f" The {shape} is {answer}."  # the key restated just before the answer
             seen.add("colour")
         if question.startswith("Which shape is ") and " of " not in question and " the " not in question:
             colour = question.removeprefix("Which shape is ").removesuffix("?")
             assert f"a {colour} {answer} in row" in context
+            assert target == f" It is the {colour} {answer}."
             seen.add("shape")
     assert seen == {"caption", "colour", "shape"}
 
