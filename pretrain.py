@@ -281,7 +281,8 @@ def export_decoder(small, vocab, config):
 @torch.no_grad()
 def decoder_accuracy(gpt, n=400, seed=12345, hard=0.5):
     """Accuracy (%) per question type of a decoder answering from the described scene, on fresh
-    scenes: the option with the highest logit after "The answer is". 'binding' = image questions
+    scenes: the option with the highest logit after the answer's prefix (" The star is", as the
+    fuser stage trains it; shapes.answer_prefix). 'binding' = image questions
     with more than one option present in the scene (the text must be read, not just scanned)."""
     enc, rng = get_encoding(), random.Random(seed)
     right, total = {}, {}

@@ -6,8 +6,9 @@
     python sample.py --mix_by_type out/mix          # shapes: the mean mix per question type, one PNG each
 
 A question goes into the prompt training used (data/scienceqa.py's QCM) and its
-options are scored by their likelihood after " The answer is", through the same
-path train.py evaluates with (data/batch.py's choice_batch and score_choices).
+options are scored by their likelihood after " The answer is" (for a checkpoint
+trained on shapes' text answers, after the prefix it trained on: " The circle is";
+data/shapes.py's answer_prefix), through the same path train.py evaluates with (data/batch.py's choice_batch and score_choices).
 `--show_fusion` draws, with Pillow only, the fuser's mix over ViT layers that
 each decoder layer chose for this image and text (DESIGN.md section 4, step 2).
 """

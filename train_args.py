@@ -49,7 +49,8 @@ def get_args(argv=None):
     a("--data_dir", default=None, help="default: data/raw/<dataset>")
     a("--answer", default=None, choices=["letter", "text"],
       help="QA target ' The answer is A.', scored as published (the letter the greedy next token names) "
-           "and by likelihood; or ' The answer is red.', scored by likelihood (default: per dataset)")
+           "and by likelihood; or ' The answer is red.' (shapes restates the key: ' The star is red.'), "
+           "scored by likelihood (default: per dataset)")
     a("--context", default="hint", choices=["hint", "caption"],
       help="ScienceQA context: the hint, or hint + data_dir/captions.json's caption (MemVP's/LaVIN's eval)")
     a("--target", default="qcm-a", choices=["qcm-a", "qcm-ale"],

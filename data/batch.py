@@ -164,7 +164,7 @@ def collate(examples, enc, image_transform, block_size) -> dict:
 def choice_batch(examples, enc, image_transform, block_size) -> dict:
     """Rows to score each choice by its log-likelihood after prompt + answer_prefix
     (lm-eval-harness style); with one-token choices (" A", " red") this is reading
-    the choice logits after " The answer is".
+    the choice logits after " The answer is" (or shapes' " The circle is").
 
     If every choice in the batch is one token, there is one row per example
     (the context; choice j is scored at its last position). Otherwise there is

@@ -12,7 +12,8 @@ QCM-A prompt (DESIGN.md section 5)
     Question: {question}\\nContext: {hint or N/A}\\nOptions: (A) {c0} (B) {c1}\\nResponse:
 
 and the target " The answer is A." (answer="letter", the published baselines'
-format) or " The answer is {choice text}." (answer="text"). context="caption"
+format) or " The answer is {choice text}." (answer="text"; shapes' problems
+bring their own prefix for text answers, "answer_prefix"). context="caption"
 adds the image's caption after the hint, as MemVP's and LaVIN's eval.py do;
 target="qcm-ale" appends " BECAUSE: {lecture} {solution}", LaVIN's QCM-ALE.
 
@@ -136,7 +137,8 @@ def _captions(root):
 
 
 def build_target(letter_or_text, lecture="", solution="", target="qcm-a", prefix=ANSWER_PREFIX):
-    """The target: ' The answer is A.' (QCM-A; shapes' text answers start with their own prefix), or LaVIN's QCM-ALE output with a leading space,
+    """The target: ' The answer is A.' (QCM-A; prefix: shapes' text answers bring their own), or
+    LaVIN's QCM-ALE output with a leading space,
     ' The answer is A. BECAUSE: {lecture} {solution}': newlines written as \\n, double spaces
     replaced once, stripped, as LaVIN's create_training_example (so with neither text it ends
     in "BECAUSE:", as LaVIN's does: its line meant to drop that assigns to an unused name)."""
