@@ -413,7 +413,7 @@ def _probe(x_tr, y_tr, x_te, y_te, steps):
 
 # ----------------------------------------------------------------------------- the cache
 
-VERSION = 4  # bump when the text, the labels or the loops change, so cached backbones are rebuilt (4: answers restate the key)
+VERSION = 4  # bump when the text, the labels or the loops change, so cached backbones rebuild (4: answers restate the key)
 
 
 def cache_path(kind, config, recipe, seed):

@@ -7,8 +7,9 @@
 
 A question goes into the prompt training used (data/scienceqa.py's QCM) and its
 options are scored by their likelihood after " The answer is" (for a checkpoint
-trained on shapes' text answers, after the prefix it trained on: " The circle is";
-data/shapes.py's answer_prefix), through the same path train.py evaluates with (data/batch.py's choice_batch and score_choices).
+trained on shapes' text answers, after the prefix it trained on, " The circle is":
+data/shapes.py's answer_prefix), through the same path train.py evaluates with
+(data/batch.py's choice_batch and score_choices).
 `--show_fusion` draws, with Pillow only, the fuser's mix over ViT layers that
 each decoder layer chose for this image and text (DESIGN.md section 4, step 2).
 """

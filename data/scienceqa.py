@@ -137,8 +137,8 @@ def _captions(root):
 
 
 def build_target(letter_or_text, lecture="", solution="", target="qcm-a", prefix=ANSWER_PREFIX):
-    """The target: ' The answer is A.' (QCM-A; prefix: shapes' text answers bring their own), or
-    LaVIN's QCM-ALE output with a leading space,
+    """The target: prefix + ' A.' (QCM-A; prefix ' The answer is', or the one shapes' text answers
+    bring), or LaVIN's QCM-ALE output with a leading space,
     ' The answer is A. BECAUSE: {lecture} {solution}': newlines written as \\n, double spaces
     replaced once, stripped, as LaVIN's create_training_example (so with neither text it ends
     in "BECAUSE:", as LaVIN's does: its line meant to drop that assigns to an unused name)."""
