@@ -28,7 +28,10 @@ larger, above when A's grid row is smaller, below when larger. Since objects
 stay inside their cells these relations hold for the whole shapes, and a
 position question is only asked about a reference object unique by colour and
 shape for which exactly one other object satisfies the relation, so the answer
-is unique and computable from the scene record stored with every problem.
+is unique and computable from the scene record stored with every problem. That
+one object is then the furthest that way in the whole scene (for "left of": the
+leftmost, alone in its column), so the answer never depends on the reference:
+position asks which object is furthest left, right, up or down.
 
 Every question has 2-5 options; the answer's position is drawn from a shuffled
 bag per number of options, so positions are balanced to within one question.

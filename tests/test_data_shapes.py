@@ -36,6 +36,10 @@ def test_same_seed_same_bytes(shapes, tmp_path):
     assert not filecmp.cmp(os.path.join(root, "problems.json"), os.path.join(other, "problems.json"), shallow=False)
 
 
+# relation -> (the grid coordinate it compares, its sign)
+AXIS = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
+
+
 def rederive(p):
     """The answer text of an image question, worked out from the scene record alone."""
     objs, q = p["scene"]["objects"], p["question"]
@@ -49,7 +53,7 @@ def rederive(p):
         return str(len(objs))
     m = re.fullmatch(r"Which shape is (left of|right of|above|below) the (\w+) (\w+)\?", q)
     (ref,) = [o for o in objs if (o["colour"], o["shape"]) == (m[2], m[3])]
-    key, sign = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}[m[1]]
+    key, sign = AXIS[m[1]]
     (o,) = [o for o in objs if o is not ref and (o[key] - ref[key]) * sign > 0]
     return o["shape"]
 
@@ -69,6 +73,24 @@ def test_every_answer_follows_from_the_scene_or_the_text(shapes):
         else:
             assert p["image"] == "image.png" and rederive(p) == answer, pid
     assert min(seen.values()) == max(seen.values()) and len(seen) == 5  # each type equally often
+
+
+def test_a_position_answer_is_the_object_furthest_that_way(shapes):
+    """Exactly one object left of the reference means it is the leftmost object, alone in its
+    column: a position question never needs its reference object (README, "Results on shapes")."""
+    _, problems = shapes
+    asked = Counter()
+    for p in problems.values():
+        if p["qtype"] != "position":
+            continue
+        relation = re.fullmatch(r"Which shape is (left of|right of|above|below) the \w+ \w+\?", p["question"])[1]
+        key, sign = AXIS[relation]
+        objs = p["scene"]["objects"]
+        furthest = max(o[key] * sign for o in objs)
+        (o,) = [o for o in objs if o[key] * sign == furthest]
+        assert o["shape"] == p["choices"][p["answer"]]
+        asked[relation] += 1
+    assert len(asked) == 4 and sum(asked.values()) >= 100
 
 
 def test_images_match_their_scenes(shapes):
