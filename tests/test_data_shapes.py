@@ -38,6 +38,7 @@ def test_same_seed_same_bytes(shapes, tmp_path):
 
 # relation -> (the grid coordinate it compares, its sign)
 AXIS = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
+POSITION_QUESTION = re.compile(r"Which shape is (left of|right of|above|below) the (\w+) (\w+)\?")
 
 
 def rederive(p):
@@ -51,7 +52,7 @@ def rederive(p):
         return o["shape"]
     if q == "How many shapes are there?":
         return str(len(objs))
-    m = re.fullmatch(r"Which shape is (left of|right of|above|below) the (\w+) (\w+)\?", q)
+    m = POSITION_QUESTION.fullmatch(q)
     (ref,) = [o for o in objs if (o["colour"], o["shape"]) == (m[2], m[3])]
     key, sign = AXIS[m[1]]
     (o,) = [o for o in objs if o is not ref and (o[key] - ref[key]) * sign > 0]
@@ -83,7 +84,7 @@ def test_a_position_answer_is_the_object_furthest_that_way(shapes):
     for p in problems.values():
         if p["qtype"] != "position":
             continue
-        relation = re.fullmatch(r"Which shape is (left of|right of|above|below) the \w+ \w+\?", p["question"])[1]
+        relation = POSITION_QUESTION.fullmatch(p["question"])[1]
         key, sign = AXIS[relation]
         objs = p["scene"]["objects"]
         furthest = max(o[key] * sign for o in objs)
